@@ -1,0 +1,3 @@
+from flowopd.cli import main
+
+raise SystemExit(main())
