@@ -56,9 +56,7 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
-def timesteps(
-    num_steps: int, shift: float = 3.0, *, num_train_timesteps: int = 1000
-) -> Tensor:
+def timesteps(num_steps: int, shift: float = 3.0, *, num_train_timesteps: int = 1000) -> Tensor:
     """FlowMatchEuler inference sigmas, exactly as diffusers builds them for SD3.
 
     diffusers' ``FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n)`` takes n points

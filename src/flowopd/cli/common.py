@@ -1,0 +1,55 @@
+"""Helpers shared by CLI sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers info chatter for CLI runs (errors still print)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="diffusers pipeline dir or hub id (default: the embedded model)",
+    )
+    p.add_argument("--backend", default="sd3", help="model backend (default: sd3)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    p.add_argument("--dtype", default="float32", help="network dtype: float32, bfloat16, float16")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    import torch
+
+    from flowopd.models import load_model
+    from flowopd.paths import default_model
+
+    quiet_libraries()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(
+        args.model or default_model(), backend=args.backend, device=device, dtype=args.dtype
+    )
+
+
+def save_png(image, path: Path) -> None:
+    """(3, H, W) tensor in [0, 1] -> PNG, written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -1,0 +1,119 @@
+"""LoRA adapters through peft on any torch module: add, route per sample, export, merge.
+
+Backends call these on their trainable network; nothing here knows about diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+# SD3 / SD3.5 MMDiT attention: image-stream q/k/v/out and the context-stream projections.
+SD3_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
+def lora_layers(module: nn.Module) -> Iterator[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            yield m
+
+
+def adapter_names(module: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in lora_layers(module):
+        for n in layer.lora_A:
+            names[n] = None
+    return list(names)
+
+
+def _adapter_pre_hook(_module, args, kwargs, names):
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+@contextmanager
+def per_sample_adapters(module: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Route sample i of every forward inside the context through adapter ``names[i]``.
+
+    Uses peft's mixed-adapter batches (each LoRA layer applies each adapter to its own
+    sub-batch), so several teachers on one base cost one forward. ``"__base__"`` means
+    no adapter. The batch of every LoRA layer's input must have ``len(names)`` rows.
+    """
+    known = set(adapter_names(module))
+    unknown = {n for n in names if n != "__base__"} - known
+    if unknown:
+        from flowopd.errors import unknown as unknown_err
+
+        raise unknown_err("adapter", sorted(unknown)[0], known | {"__base__"})
+    handles = [
+        layer.register_forward_pre_hook(
+            partial(_adapter_pre_hook, names=list(names)), with_kwargs=True
+        )
+        for layer in lora_layers(module)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def adapter_parameters(module: nn.Module, name: str) -> list[nn.Parameter]:
+    """The LoRA A/B parameters of adapter ``name``, in a stable order."""
+    params = []
+    for layer in lora_layers(module):
+        for table in (layer.lora_A, layer.lora_B):
+            if name in table:
+                params.extend(table[name].parameters())
+    return params
+
+
+def adapter_state_dict(module: nn.Module, name: str) -> dict[str, Tensor]:
+    """peft-format state dict of one adapter (keys without the adapter name), cloned."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(module, adapter_name=name)
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def load_adapter_state_dict(module: nn.Module, name: str, state: dict[str, Tensor]) -> None:
+    """Load a peft-format state dict (as from ``adapter_state_dict``) into adapter ``name``."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"unexpected keys loading adapter '{name}': {unexpected[:3]}")
+
+
+def set_trainable(module: nn.Module, name: str | None) -> None:
+    """requires_grad on adapter ``name``'s parameters only; everything else frozen."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if name is not None:
+        for p in adapter_parameters(module, name):
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def copy_adapter(module: nn.Module, src: str, dst: str) -> None:
+    """Copy adapter ``src``'s weights into existing adapter ``dst`` (same shapes)."""
+    for layer in lora_layers(module):
+        for table in (layer.lora_A, layer.lora_B):
+            if src in table and dst in table:
+                table[dst].weight.copy_(table[src].weight)

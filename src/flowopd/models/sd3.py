@@ -1,0 +1,439 @@
+"""The ``sd3`` backend: Stable Diffusion 3 / 3.5 through diffusers.
+
+Loads a diffusers ``StableDiffusion3Pipeline`` directory (local path, or a hub id when the
+hub is reachable) and exposes it as a ``FlowModel``. Also serves the embedded default:
+an SD3 pipeline directory whose ``vae`` is null works in pixel space (latents are the
+image scaled to [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowopd.errors import UserError, unknown
+from flowopd.models import adapters as ad
+from flowopd.models.base import Cond
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FLOWOPD_META = "flowopd.json"  # optional per-model defaults written by `flowopd pretrain`
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise unknown("dtype", dtype, _DTYPES)
+    return _DTYPES[dtype]
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
+
+
+class SD3Model:
+    """A diffusers SD3/SD3.5 pipeline behind the ``FlowModel`` protocol.
+
+    The transformer's frozen base weights live in ``dtype``; LoRA weights stay float32 and
+    the forward runs under autocast to ``dtype`` (so a bf16 network feeds float32 SDE math).
+    Classifier-free guidance concatenates [negative, positive] into one forward, as the
+    diffusers pipeline does, so our sampler and the pipeline agree to float precision.
+    """
+
+    backend = "sd3"
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_sequence_length: int = 256,
+        decode_chunk: int = 16,
+        path: str | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.path = path
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        self.max_sequence_length = max_sequence_length
+        self.decode_chunk = decode_chunk
+        self.transformer: nn.Module = pipe.transformer
+        self.vae = pipe.vae
+        for m in self._modules():
+            m.requires_grad_(False)
+            m.eval()
+            m.to(self.device)
+        if self.transformer.dtype != self.dtype:
+            self.transformer.to(dtype=self.dtype)
+        self._neg: Cond | None = None
+        self._trainable: str | None = None
+        self._active: str | None = None
+        self.shift = float(pipe.scheduler.config.get("shift", 3.0))
+        if pipe.scheduler.config.get("use_dynamic_shifting", False):
+            raise UserError(
+                "this scheduler uses dynamic shifting, which flowopd's schedule does not implement; "
+                "use an SD3/SD3.5 model with a fixed shift"
+            )
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_sequence_length: int | None = None,
+    ) -> SD3Model:
+        """Load a diffusers pipeline directory (``model_index.json``) or a hub id."""
+        from diffusers import StableDiffusion3Pipeline
+
+        local = Path(path).expanduser()
+        kwargs: dict = {}
+        meta: dict = {}
+        if local.is_dir():
+            index = local / "model_index.json"
+            if not index.is_file():
+                raise UserError(
+                    f"model '{path}' is not a diffusers pipeline directory (no model_index.json); "
+                    "pass a directory saved with save_pretrained or a hub id like org/name"
+                )
+            components = json.loads(index.read_text())
+            # components saved as null must be passed as None again to reload
+            for key, value in components.items():
+                if isinstance(value, list) and value[0] is None:
+                    kwargs[key] = None
+            if (local / FLOWOPD_META).is_file():
+                meta = json.loads((local / FLOWOPD_META).read_text())
+            source = str(local)
+        elif _looks_like_hub_id(path):
+            source = path
+        else:
+            raise UserError(
+                f"model '{path}' not found: pass an existing diffusers pipeline directory "
+                "or a hub id like stabilityai/stable-diffusion-3.5-medium"
+            )
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                source,
+                torch_dtype=torch.float32,
+                local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") == "1" or local.is_dir(),
+                **kwargs,
+            )
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load model '{path}': {first}") from None
+        msl = max_sequence_length or int(meta.get("max_sequence_length", 256))
+        return cls(pipe, device=device, dtype=dtype, max_sequence_length=msl, path=str(path))
+
+    def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
+        """Save the pipeline (and flowopd metadata) atomically to ``path``."""
+        path = Path(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.pipe.save_pretrained(tmp, safe_serialization=True)
+            info = {"max_sequence_length": self.max_sequence_length, **(meta or {})}
+            (tmp / FLOWOPD_META).write_text(json.dumps(info, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _modules(self) -> list[nn.Module]:
+        p = self.pipe
+        mods = [p.transformer, p.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3]
+        return [m for m in mods if m is not None]
+
+    # -- shapes -----------------------------------------------------------------------------
+    @property
+    def pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.pixel_space else int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.default_resolution
+        mult = self.vae_scale_factor * int(self.transformer.config.patch_size)
+        if res % mult:
+            raise UserError(f"resolution {res} must be a multiple of {mult} for this model")
+        side = res // self.vae_scale_factor
+        return (int(self.transformer.config.in_channels), side, side)
+
+    # -- text -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompts must be a list of strings")
+        if len(prompts) == 0:
+            raise UserError("no prompts given")
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Cond(embeds.float(), pooled.float())
+
+    def negative_cond(self, n: int) -> Cond:
+        if self._neg is None:
+            self._neg = self.encode_prompts([""])
+        return self._neg.expand(n)
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to CPU (after a run's prompts are encoded)."""
+        for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
+            if m is not None:
+                m.to("cpu")
+
+    # -- velocity ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def velocity(
+        self,
+        x: Tensor,
+        sigma: float | Tensor,
+        cond: Cond,
+        *,
+        guidance_scale: float = 1.0,
+        adapters: Sequence[str] | None = None,
+    ) -> Tensor:
+        """v(x, sigma | cond) with CFG ``v_u + w (v_c - v_u)`` in one batched forward.
+
+        x: (B, C, h, w); sigma: float or (B,); cond: B rows. Returns float32 (B, C, h, w).
+        The transformer is called with ``timestep = 1000 * sigma`` as diffusers does.
+        """
+        b = x.shape[0]
+        if len(cond) != b:
+            raise ValueError(f"cond has {len(cond)} rows for a batch of {b}")
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        sig = sig.expand(b) if sig.ndim == 0 else sig
+        cfg = guidance_scale > 1.0
+        x_in = x.to(self.device)
+        t_in = sig * 1000.0
+        c_in = cond.to(self.device)
+        names = list(adapters) if adapters is not None else None
+        if cfg:
+            x_in = torch.cat([x_in, x_in])
+            t_in = torch.cat([t_in, t_in])
+            c_in = Cond.cat([self.negative_cond(b).to(self.device), c_in])
+            names = names + names if names is not None else None
+        routing = self._routing(names) if names else nullcontext()
+        with routing, self._autocast():
+            out = self.transformer(
+                hidden_states=x_in.to(self.dtype),
+                timestep=t_in.to(self.dtype),
+                encoder_hidden_states=c_in.embeds.to(self.dtype),
+                pooled_projections=c_in.pooled.to(self.dtype),
+                return_dict=False,
+            )[0]
+        out = out.float()
+        if not cfg:
+            return out
+        v_u, v_c = out.chunk(2)
+        return v_u + guidance_scale * (v_c - v_u)
+
+    @contextmanager
+    def _routing(self, names: list[str]) -> Iterator[None]:
+        # peft ignores per-sample names while adapters are disabled (our "no active adapter")
+        disabled = self._active is None and bool(self.adapter_names)
+        if disabled:
+            self.transformer.enable_adapters()
+        try:
+            with ad.per_sample_adapters(self.transformer, names):
+                yield
+        finally:
+            if disabled:
+                self._restore_active()
+
+    # -- images -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.pixel_space:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
+        cfg = self.vae.config
+        images = []
+        for chunk in latents.split(self.decode_chunk):
+            z = chunk.to(self.device, self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0)
+            images.append(self.vae.decode(z, return_dict=False)[0].float())
+        return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        if self.pixel_space:
+            return images.float() * 2 - 1
+        cfg = self.vae.config
+        out = []
+        for chunk in images.split(self.decode_chunk):
+            dist = self.vae.encode(chunk.to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+            out.append((dist.mode().float() - (cfg.shift_factor or 0)) * cfg.scaling_factor)
+        return torch.cat(out)
+
+    # -- adapters ---------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return ad.adapter_names(self.transformer)
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.adapter_names:
+            raise unknown("adapter", name, self.adapter_names or ["(none loaded)"])
+
+    def add_adapter(
+        self,
+        name: str,
+        *,
+        rank: int,
+        alpha: float,
+        target_modules: Sequence[str] | None = None,
+        init: str | bool = "gaussian",
+    ) -> None:
+        from peft import LoraConfig
+
+        if name in self.adapter_names:
+            raise UserError(f"adapter '{name}' already exists")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=init,
+            target_modules=list(target_modules or ad.SD3_TARGETS),
+        )
+        self.transformer.add_adapter(config, adapter_name=name)
+        for p in ad.adapter_parameters(self.transformer, name):
+            p.data = p.data.float()  # LoRA weights stay float32 under a bf16/fp16 base
+        self._restore_active()
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load a diffusers-format LoRA directory (``pytorch_lora_weights.safetensors``)."""
+        p = Path(path)
+        if not (p / LORA_WEIGHTS).is_file() and not (p.is_file() and p.suffix == ".safetensors"):
+            raise UserError(
+                f"LoRA '{path}' not found: expected a directory containing {LORA_WEIGHTS}"
+            )
+        if name in self.adapter_names:
+            raise UserError(f"adapter '{name}' already exists")
+        try:
+            self.pipe.load_lora_weights(str(p), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"could not load LoRA '{path}': {str(e).splitlines()[0]}") from None
+        for prm in ad.adapter_parameters(self.transformer, name):
+            prm.data = prm.data.float().to(self.device)
+        self._restore_active()
+
+    def save_adapter(self, name: str, path: str | Path) -> None:
+        """Write adapter ``name`` in the diffusers format (loads with ``load_lora_weights``)."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        self._check_adapter(name)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.transformer, adapter_name=name)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        meta = self.transformer.peft_config[name].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            StableDiffusion3Pipeline.save_lora_weights(
+                str(tmp),
+                transformer_lora_layers=state,
+                transformer_lora_adapter_metadata=meta,
+                safe_serialization=True,
+            )
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_adapter(name)
+        self.transformer.delete_adapters(name)
+        if self._active == name:
+            self._active = None
+        if self._trainable == name:
+            self._trainable = None
+        self._restore_active()
+
+    def set_adapter(self, name: str | None, *, trainable: bool = False) -> None:
+        if name is not None:
+            self._check_adapter(name)
+        self._active = name
+        self._trainable = name if trainable else None
+        self._restore_active()
+
+    def _restore_active(self) -> None:
+        # peft's set_adapter / enable_adapters toggle requires_grad: re-impose ours each time
+        if self.adapter_names:
+            if self._active is None:
+                self.transformer.disable_adapters()
+            else:
+                self.transformer.enable_adapters()
+                self.transformer.set_adapter(self._active)
+        ad.set_trainable(self.transformer, self._trainable)
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        if not self.adapter_names or self._active is None:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self._restore_active()
+
+    @contextmanager
+    def adapter_active(self, name: str | None) -> Iterator[None]:
+        """Temporarily make ``name`` the active adapter (None: the base)."""
+        prev, prev_train = self._active, self._trainable
+        self.set_adapter(name, trainable=prev_train == name and name is not None)
+        try:
+            yield
+        finally:
+            self._active, self._trainable = prev, prev_train
+            self._restore_active()
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        self._check_adapter(name)
+        return ad.adapter_parameters(self.transformer, name)
+
+    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+        self._check_adapter(name)
+        return ad.adapter_state_dict(self.transformer, name)
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
+        self._check_adapter(name)
+        ad.load_adapter_state_dict(self.transformer, name, state)

@@ -1,0 +1,214 @@
+"""Tiny SD3 pipelines built in memory from configs, fully offline.
+
+Used by the tests (a 1-second pipeline) and as the skeleton of the embedded default model.
+The tokenizer is a real CLIP byte-level BPE tokenizer whose vocabulary is built
+deterministically from a word list (every byte is a token, so any text tokenizes; the
+listed words become single tokens), so nothing is downloaded and ids never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Words that become single tokens. Anything else falls back to byte-level pieces.
+_WORDS = """
+a an the of and photo with that says sign left right above below
+red green blue yellow purple orange black white pink brown gray cyan
+circle circles square squares triangle triangles cross crosses star stars
+one two three four five six cat dog car tree house word text image picture on in to is
+"""
+DEFAULT_WORDS: tuple[str, ...] = tuple(_WORDS.split())
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def clip_vocab(
+    words: Sequence[str] = DEFAULT_WORDS,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A deterministic CLIP BPE vocabulary: 256 bytes, 256 end-of-word bytes, word merges.
+
+    Merges build each word left to right (``c a t</w>`` -> ``ca t</w>`` -> ``cat</w>``).
+    Returns (vocab: token -> id, merges: list of pairs).
+    """
+    base = list(_bytes_to_unicode().values())
+    vocab_list = base + [b + "</w>" for b in base]
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab_list)
+    enc = _bytes_to_unicode()
+    for word in dict.fromkeys(words):  # ordered, de-duplicated
+        chars = [enc[b] for b in word.lower().encode("utf-8")]
+        if len(chars) < 2:
+            continue
+        chars[-1] = chars[-1] + "</w>"
+        left = chars[0]
+        for nxt in chars[1:]:
+            pair = (left, nxt)
+            left = left + nxt
+            if pair not in merges:
+                merges.append(pair)
+            if left not in seen:
+                seen.add(left)
+                vocab_list.append(left)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def clip_tokenizer(words: Sequence[str] = DEFAULT_WORDS, max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` over ``clip_vocab(words)``, padded with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab(words)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
+
+
+def t5_tokenizer(words: Sequence[str] = DEFAULT_WORDS):
+    """A tiny ``transformers.T5Tokenizer`` (unigram) over the word list plus single characters."""
+    from transformers import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>"]
+    pieces += ["▁" + w for w in dict.fromkeys(words)]
+    pieces += [chr(c) for c in range(33, 127)] + ["▁"]
+    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(dict.fromkeys(pieces))]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+@dataclass
+class TinySD3Config:
+    """Sizes of an in-memory SD3 pipeline. Defaults: the 1-second test pipeline."""
+
+    sample_size: int = 8  # latent side (the transformer's sample_size)
+    patch_size: int = 1
+    in_channels: int = 4
+    num_layers: int = 2
+    attention_head_dim: int = 8
+    num_attention_heads: int = 4
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    clip_hidden: int = 16  # each of the two CLIP encoders; joint dim = 2 * clip_hidden
+    clip_layers: int = 2
+    clip_max_length: int = 16
+    t5: bool = True  # include a tiny T5 encoder (SD3's third text encoder)
+    t5_max_length: int = 8
+    vae: bool = True  # a tiny AutoencoderKL (x2 down-sampling); False = pixel space
+    shift: float = 3.0
+    words: tuple[str, ...] = field(default_factory=lambda: DEFAULT_WORDS)
+
+
+def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
+    """A complete ``StableDiffusion3Pipeline`` with random weights, built offline.
+
+    joint_attention_dim = 2 * clip_hidden (SD3 concatenates the two CLIP embeddings
+    and pads them to the T5 width); pooled_projection_dim = 2 * clip projection dim.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    cfg = cfg or TinySD3Config()
+    joint = 2 * cfg.clip_hidden
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=cfg.sample_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=joint,
+        caption_projection_dim=cfg.attention_head_dim * cfg.num_attention_heads,
+        pooled_projection_dim=joint,
+        pos_embed_max_size=max(cfg.sample_size // cfg.patch_size, 8),
+        dual_attention_layers=tuple(cfg.dual_attention_layers),
+        qk_norm=cfg.qk_norm,
+    )
+    tok = clip_tokenizer(cfg.words, cfg.clip_max_length)
+    vocab_size = len(tok.get_vocab())
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    bos = tok.convert_tokens_to_ids("<|startoftext|>")
+    encoders = []
+    for i in range(2):
+        torch.manual_seed(seed + 1 + i)
+        clip_cfg = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.clip_hidden,
+            intermediate_size=2 * cfg.clip_hidden,
+            num_hidden_layers=cfg.clip_layers,
+            num_attention_heads=2,
+            max_position_embeddings=cfg.clip_max_length,
+            projection_dim=cfg.clip_hidden,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+        encoders.append(CLIPTextModelWithProjection(clip_cfg).eval())
+    text_encoder_3 = tokenizer_3 = None
+    if cfg.t5:
+        tokenizer_3 = t5_tokenizer(cfg.words)
+        torch.manual_seed(seed + 3)
+        t5_cfg = T5Config(
+            vocab_size=len(tokenizer_3.get_vocab()),
+            d_model=joint,
+            d_kv=8,
+            d_ff=2 * joint,
+            num_layers=1,
+            num_heads=2,
+            dropout_rate=0.0,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        text_encoder_3 = T5EncoderModel(t5_cfg).eval()
+    vae = None
+    if cfg.vae:
+        torch.manual_seed(seed + 4)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 8),
+            latent_channels=cfg.in_channels,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=cfg.sample_size * 2,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tok,
+        text_encoder_2=encoders[1],
+        tokenizer_2=clip_tokenizer(cfg.words, cfg.clip_max_length),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return pipe

@@ -1,0 +1,152 @@
+"""Sampling with trajectories: ODE, Flow-GRPO SDE, CPS, and the windowed "Fast" variant.
+
+``sample`` runs the schedule of ``sde.timesteps`` with the model's velocity (CFG in one
+forward) and records everything training needs: the state before every step, each
+step's log-prob, mean and std. "Denoising reduction" is just fewer steps here (10) than
+at evaluation (40).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowopd import sde
+from flowopd.models.base import Cond, FlowModel
+
+KINDS = ("sde", "cps", "ode")
+
+
+@dataclass
+class Trajectory:
+    """What a sampling call recorded. B samples, T steps, latents (C, h, w).
+
+    latents:    (B, T + 1, C, h, w) the state before step i (index T: the final sample)
+    log_probs:  (B, T) log-prob of each step's transition (0 for deterministic steps)
+    means:      (B, T, C, h, w) each step's Gaussian mean (the ODE update on ODE steps)
+    stds:       (T,) each step's noise scale (``StepOutput.std``; 0 on ODE steps)
+    sigmas:     (T + 1,) the schedule
+    stochastic: (T,) bool, True where the step was stochastic (the steps one can train)
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    means: Tensor
+    stds: Tensor
+    sigmas: Tensor
+    stochastic: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def __getitem__(self, idx) -> Trajectory:
+        """Select samples (rows); the schedule is shared."""
+        return Trajectory(
+            self.latents[idx],
+            self.log_probs[idx],
+            self.means[idx],
+            self.stds,
+            self.sigmas,
+            self.stochastic,
+        )
+
+    @staticmethod
+    def cat(items: Sequence[Trajectory]) -> Trajectory:
+        first = items[0]
+        return Trajectory(
+            torch.cat([t.latents for t in items]),
+            torch.cat([t.log_probs for t in items]),
+            torch.cat([t.means for t in items]),
+            first.stds,
+            first.sigmas,
+            first.stochastic,
+        )
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor | None  # (B, 3, H, W) in [0, 1]; None when decode=False
+    latents: Tensor  # (B, C, h, w) final clean latents
+    trajectory: Trajectory
+
+
+def step_fn(kind: str):
+    """The step function for a sampler kind (one function per kind, no switches in the math)."""
+    return {"sde": sde.sde_step, "cps": sde.cps_step}[kind]
+
+
+@torch.no_grad()
+def sample(
+    model: FlowModel,
+    prompts: Sequence[str] | Cond,
+    num_steps: int,
+    kind: str = "sde",
+    noise_level: float = 0.7,
+    guidance_scale: float = 4.5,
+    generator: torch.Generator | None = None,
+    sde_window: tuple[int, int] | None = None,
+    *,
+    resolution: int | None = None,
+    latents: Tensor | None = None,
+    adapters: Sequence[str] | None = None,
+    decode: bool = True,
+    record: bool = True,
+) -> SampleOutput:
+    """Sample images and their trajectory.
+
+    kind: "ode" (deterministic Euler), "sde" (Flow-GRPO SDE) or "cps".
+    sde_window: (start, end) step indices; only steps start <= i < end are stochastic
+        (Flow-GRPO-Fast); None = every step stochastic for "sde"/"cps".
+    prompts: strings, or a ``Cond`` already encoded (B rows).
+    latents: optional initial noise (B, C, h, w); otherwise drawn with ``generator``
+        exactly as diffusers does (``torch.randn(shape, generator=...)``).
+    adapters: per-sample adapter names (e.g. sample from routed teachers), or None.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown sampler kind '{kind}'; choose one of {KINDS}")
+    cond = prompts if isinstance(prompts, Cond) else model.encode_prompts(list(prompts))
+    b = len(cond)
+    shape = (b, *model.latent_shape(resolution))
+    if latents is None:
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+    x = latents.to(model.device, torch.float32)
+    sigmas = sde.timesteps(num_steps, model.shift)
+    sigma_max = float(sigmas[1]) if num_steps > 1 else 0.0
+    lo, hi = (0, num_steps) if sde_window is None else sde_window
+    stochastic = torch.tensor([kind != "ode" and lo <= i < hi for i in range(num_steps)])
+
+    states, log_probs, means, stds = [x], [], [], []
+    for i in range(num_steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
+        if stochastic[i]:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            out = step_fn(kind)(v, x, s, s_next, noise_level, sigma_max=sigma_max, noise=noise)
+            x, lp, mean, std = out.prev_sample, out.log_prob, out.mean, float(out.std)
+        else:
+            x = sde.ode_step(v, x, s, s_next)
+            lp, mean, std = torch.zeros(b, device=x.device), x, 0.0
+        if record:
+            states.append(x)
+            log_probs.append(lp)
+            means.append(mean)
+            stds.append(std)
+    if record:
+        traj = Trajectory(
+            latents=torch.stack(states, 1),
+            log_probs=torch.stack(log_probs, 1),
+            means=torch.stack(means, 1),
+            stds=torch.tensor(stds, dtype=torch.float32),
+            sigmas=sigmas,
+            stochastic=stochastic,
+        )
+    else:
+        traj = Trajectory(
+            x[:, None], torch.zeros(b, 0), x[:, :0], torch.zeros(0), sigmas, stochastic
+        )
+    images = model.decode(x) if decode else None
+    return SampleOutput(images=images, latents=x, trajectory=traj)
