@@ -18,3 +18,8 @@ def default_model() -> str:
             "pass --model DIR or build it with `flowopd pretrain --out DIR`"
         )
     return str(EMBEDDED_MODEL)
+
+
+def resolve_model_path(path: str | None) -> str:
+    """``None`` or ``"embedded"`` -> the shipped model; anything else unchanged."""
+    return default_model() if path in (None, "", "embedded") else path

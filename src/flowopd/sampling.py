@@ -79,6 +79,16 @@ def step_fn(kind: str):
     return {"sde": sde.sde_step, "cps": sde.cps_step}[kind]
 
 
+def _noise_source(generator, b: int):
+    """shape -> float32 N(0, I) noise from one generator or one generator per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32)
+    gens = list(generator)
+    if len(gens) != b:
+        raise ValueError(f"{len(gens)} generators for a batch of {b}")
+    return lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+
+
 @torch.no_grad()
 def sample(
     model: FlowModel,
@@ -87,7 +97,7 @@ def sample(
     kind: str = "sde",
     noise_level: float = 0.7,
     guidance_scale: float = 4.5,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     sde_window: tuple[int, int] | None = None,
     *,
     resolution: int | None = None,
@@ -102,8 +112,10 @@ def sample(
     sde_window: (start, end) step indices; only steps start <= i < end are stochastic
         (Flow-GRPO-Fast); None = every step stochastic for "sde"/"cps".
     prompts: strings, or a ``Cond`` already encoded (B rows).
-    latents: optional initial noise (B, C, h, w); otherwise drawn with ``generator``
-        exactly as diffusers does (``torch.randn(shape, generator=...)``).
+    generator: one generator for the batch (initial noise drawn exactly as diffusers does,
+        ``torch.randn(shape, generator=...)``), or one per sample, so that each sample's
+        noise is independent of the batch it is in (used for process-count invariance).
+    latents: optional initial noise (B, C, h, w); otherwise drawn from ``generator``.
     adapters: per-sample adapter names (e.g. sample from routed teachers), or None.
     """
     if kind not in KINDS:
@@ -111,8 +123,9 @@ def sample(
     cond = prompts if isinstance(prompts, Cond) else model.encode_prompts(list(prompts))
     b = len(cond)
     shape = (b, *model.latent_shape(resolution))
+    randn = _noise_source(generator, b)
     if latents is None:
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latents = randn(shape)
     x = latents.to(model.device, torch.float32)
     sigmas = sde.timesteps(num_steps, model.shift)
     sigma_max = float(sigmas[1]) if num_steps > 1 else 0.0
@@ -124,7 +137,7 @@ def sample(
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
         if stochastic[i]:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            noise = randn(tuple(x.shape)).to(x.device)
             out = step_fn(kind)(v, x, s, s_next, noise_level, sigma_max=sigma_max, noise=noise)
             x, lp, mean, std = out.prev_sample, out.log_prob, out.mean, float(out.std)
         else:

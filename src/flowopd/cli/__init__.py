@@ -16,6 +16,11 @@ import sys
 # Sub-command modules, in the order they appear in --help. Add one line per new module.
 COMMAND_MODULES = [
     "flowopd.cli.sample",
+    "flowopd.cli.pretrain",
+    "flowopd.cli.eval",
+    "flowopd.cli.train",
+    "flowopd.cli.serve_reward",
+    "flowopd.cli.world",
 ]
 
 
@@ -34,7 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     from flowopd.errors import UserError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (argparse cannot interleave positionals)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is not None and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -16,6 +16,7 @@ def quiet_libraries() -> None:
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,12 +36,12 @@ def load_model_from_args(args: argparse.Namespace):
     import torch
 
     from flowopd.models import load_model
-    from flowopd.paths import default_model
+    from flowopd.paths import resolve_model_path
 
     quiet_libraries()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_model(
-        args.model or default_model(), backend=args.backend, device=device, dtype=args.dtype
+        resolve_model_path(args.model), backend=args.backend, device=device, dtype=args.dtype
     )
 
 

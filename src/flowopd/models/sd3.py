@@ -135,7 +135,7 @@ class SD3Model:
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(
                 source,
-                torch_dtype=torch.float32,
+                dtype=torch.float32,
                 local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") == "1" or local.is_dir(),
                 **kwargs,
             )

@@ -38,6 +38,11 @@ _BUILTIN: dict[str, str] = {
     "toy_geneval_strict": "flowopd.rewards.toy",
     "toy_ocr": "flowopd.rewards.toy",
     "toy_quality": "flowopd.rewards.toy",
+    "ocr": "flowopd.rewards.ocr",
+    "geneval": "flowopd.rewards.geneval",
+    "pickscore": "flowopd.rewards.preference",
+    "clip_score": "flowopd.rewards.preference",
+    "aesthetic": "flowopd.rewards.preference",
 }
 
 
@@ -56,7 +61,14 @@ def available_rewards() -> list[str]:
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:
-    """Build the reward registered as ``name`` (unknown names get a did-you-mean error)."""
+    """Build the reward registered as ``name`` (unknown names get a did-you-mean error).
+
+    ``remote:URL`` is a client of ``flowopd serve-reward`` at URL (see rewards/remote.py).
+    """
+    if name.startswith("remote:"):
+        from flowopd.rewards.remote import RemoteReward
+
+        return RemoteReward(name.removeprefix("remote:"), **options)
     if name not in REWARDS and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in REWARDS:

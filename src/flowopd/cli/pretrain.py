@@ -1,0 +1,43 @@
+"""``flowopd pretrain``: train the embedded default model on the synthetic world."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain the embedded SD3-architecture model on the synthetic world"
+    )
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6000)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="wall-time cap in minutes (default 60)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--save-every", type=int, default=None, help="also save snapshots OUT-stepN every N steps"
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowopd.cli.common import quiet_libraries
+    from flowopd.errors import UserError
+    from flowopd.recipes.pretrain import PretrainConfig, pretrain
+
+    quiet_libraries()
+    cfg = PretrainConfig(out=args.out, seed=args.seed)
+    for key in ("steps", "minutes", "batch_size", "lr", "save_every"):
+        val = getattr(args, key)
+        if val is not None:
+            if val <= 0:
+                raise UserError(f"--{key.replace('_', '-')} must be > 0, got {val}")
+            setattr(cfg, key, val)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pretrain(cfg)
+    return 0

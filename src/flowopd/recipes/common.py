@@ -1,0 +1,157 @@
+"""What every recipe shares: prompt data, rewards, rollouts, re-scoring recorded steps.
+
+Kept small and explicit so each recipe still reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowopd import sde
+from flowopd.errors import UserError
+from flowopd.models.base import Cond, FlowModel
+from flowopd.sampling import SampleOutput, Trajectory, sample, step_fn
+
+WORLD_PREFIX = "world:"  # data spec "world:geneval" / "world:ocr": the embedded world's train split
+
+
+def load_prompts(spec: str, *, split: str = "train", n: int = 4000) -> list[dict]:
+    """Prompt records from a JSONL file, or ``world:TASK`` for the embedded world."""
+    if spec.startswith(WORLD_PREFIX):
+        from flowopd.world.prompts import make_records
+
+        task = spec[len(WORLD_PREFIX) :]
+        return make_records(task, split, n, seed=0)
+    from flowopd.world.prompts import read_jsonl
+
+    recs = read_jsonl(spec)
+    if not recs:
+        raise UserError(f"prompt file '{spec}' holds no prompts")
+    return recs
+
+
+def seed_for(*parts: int | str) -> int:
+    """A stable 63-bit seed from parts (independent of process, hash randomisation, order)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def epoch_prompts(records: Sequence[dict], n: int, seed: int, epoch: int) -> list[dict]:
+    """n records for an epoch, the same on every process (without replacement when possible)."""
+    rng = np.random.default_rng(seed_for(seed, "prompts", epoch))
+    idx = rng.choice(len(records), size=n, replace=len(records) < n)
+    return [records[i] for i in idx]
+
+
+@dataclass
+class Rollouts:
+    """A process's rollouts for one epoch: N = prompts x G samples.
+
+    records/prompts: per sample; group_ids: (N,) global prompt index; cond: N rows;
+    trajectory: as ``sampling.Trajectory``; images (N, 3, H, W); rewards filled later.
+    """
+
+    records: list[dict]
+    prompts: list[str]
+    group_ids: Tensor
+    cond: Cond
+    trajectory: Trajectory
+    images: Tensor
+    latents: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def collect_rollouts(
+    model: FlowModel,
+    records: Sequence[dict],
+    first_group: int,
+    group_size: int,
+    *,
+    num_steps: int,
+    kind: str,
+    noise_level: float,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    sde_window: tuple[int, int] | None = None,
+    adapters_for: callable | None = None,
+) -> Rollouts:
+    """Sample ``group_size`` images for each record with the active adapter (no grad).
+
+    Prompts are encoded once. Each sample's noise comes from a generator seeded by
+    (seed, epoch, global prompt index, image index), so a run gives the same samples on
+    any number of processes and any batch size.
+    """
+    prompts = [r["prompt"] for r in records]
+    cond_unique = model.encode_prompts(prompts)
+    n = len(records) * group_size
+    group_ids = torch.arange(first_group, first_group + len(records)).repeat_interleave(group_size)
+    sample_records = [r for r in records for _ in range(group_size)]
+    sample_prompts = [r["prompt"] for r in sample_records]
+    cond = cond_unique.repeat_interleave(group_size)
+    outs: list[SampleOutput] = []
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(n, start + batch_size)))
+        gens = [
+            torch.Generator().manual_seed(seed_for(seed, epoch, int(group_ids[i]), i % group_size))
+            for i in rows
+        ]
+        out = sample(
+            model, cond[rows], num_steps, kind=kind, noise_level=noise_level,
+            guidance_scale=guidance_scale, generator=gens, sde_window=sde_window,
+            adapters=adapters_for([sample_records[i] for i in rows]) if adapters_for else None,
+        )  # fmt: skip
+        outs.append(out)
+    return Rollouts(
+        records=sample_records,
+        prompts=sample_prompts,
+        group_ids=group_ids,
+        cond=cond,
+        trajectory=Trajectory.cat([o.trajectory for o in outs]),
+        images=torch.cat([o.images for o in outs]),
+        latents=torch.cat([o.latents for o in outs]),
+    )
+
+
+def rescore_step(
+    model: FlowModel,
+    traj: Trajectory,
+    step: int,
+    cond: Cond,
+    *,
+    kind: str,
+    noise_level: float,
+    guidance_scale: float,
+    adapters: Sequence[str] | None = None,
+) -> tuple[sde.StepOutput, Tensor]:
+    """Recompute step ``step`` of recorded trajectories with the current weights.
+
+    Returns the step (its ``log_prob`` scores the recorded next state, ``mean`` carries the
+    gradient) and the CFG-combined velocity v (B, C, h, w).
+    """
+    sigmas = traj.sigmas
+    s, s_next = float(sigmas[step]), float(sigmas[step + 1])
+    x = traj.latents[:, step]
+    v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
+    out = step_fn(kind)(
+        v, x, s, s_next, noise_level, sigma_max=float(sigmas[1]),
+        prev_sample=traj.latents[:, step + 1],
+    )  # fmt: skip
+    return out, v
+
+
+def trained_steps(stochastic: Tensor, num_steps: int, timestep_fraction: float) -> list[int]:
+    """Steps to train: the stochastic ones among the first int(T * fraction)."""
+    last = max(1, int(num_steps * timestep_fraction))
+    return [i for i in range(min(last, num_steps)) if bool(stochastic[i])] or [
+        i for i in range(num_steps) if bool(stochastic[i])
+    ]

@@ -1,0 +1,202 @@
+"""Flow-GRPO: online RL for flow-matching models (METHODS.md §1-2), one readable loop.
+
+Per epoch:
+  1. pick the epoch's prompts (the same on every process), take this process's share;
+  2. sample G images per prompt with the SDE sampler, recording log-probs;
+  3. score them, gather rewards from all processes, group-relative advantages;
+  4. for each minibatch and trained step: re-score the recorded step with the current
+     weights (ratio), KL to the base (adapter off, same CFG), clipped surrogate, backward;
+     average gradients over processes, clip, step, EMA;
+  5. log, evaluate (EMA weights, 40-step ODE), checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowopd.algorithms import group_advantages, grpo_loss, reference_kl
+from flowopd.algorithms.advantages import advantage_stats
+from flowopd.engine import distributed as dist
+from flowopd.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowopd.engine.ema import EMA, flowgrpo_decay
+from flowopd.engine.guard import NonFiniteGuard
+from flowopd.engine.logging import RunLogger
+from flowopd.recipes.common import (
+    collect_rollouts,
+    epoch_prompts,
+    load_prompts,
+    rescore_step,
+    seed_for,
+    trained_steps,
+)
+from flowopd.recipes.grpo_config import GRPOConfig
+from flowopd.recipes.runtime import (
+    Run,
+    build_reward,
+    evaluate_and_save,
+    reduce_gradients,
+    setup_run,
+)
+
+POLICY = "policy"
+
+
+def train_grpo(cfg: GRPOConfig) -> Run:
+    """Run Flow-GRPO as configured; returns the finished ``Run`` (model, paths, history)."""
+    run = setup_run(cfg, adapter=POLICY)
+    model, out, world, rank = run.model, run.out, run.world, run.rank
+    s, t = cfg.sample, cfg.train
+
+    # -- data and rewards: one entry per dataset (GRPO-Mix alternates between them) --------
+    if cfg.data.datasets:
+        datasets = [load_prompts(d.path) for d in cfg.data.datasets]
+        rewards = [build_reward(cfg.reward, d.reward) for d in cfg.data.datasets]
+        labels = [d.label for d in cfg.data.datasets]
+    else:
+        datasets, rewards, labels = [load_prompts(cfg.data.train)], [build_reward(cfg.reward)], [""]
+
+    # -- optimiser, EMA, guard, logger; resume --------------------------------------------
+    params = model.adapter_parameters(POLICY)
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    ema = EMA(params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None
+    guard = NonFiniteGuard(t.max_nonfinite)
+    logger = RunLogger(out, enabled=run.main)
+    start_epoch, opt_steps = 0, 0
+    ckpt = latest_checkpoint(out) if cfg.output.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_adapter_state_dict(POLICY, state["lora"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        guard.load_state_dict(state["guard"])
+        start_epoch, opt_steps = state["epoch"] + 1, state["opt_steps"]
+        run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
+
+    n_prompts = cfg.prompts_per_process(world)
+    acc_steps = cfg.gradient_accumulation_steps(world)
+    mb = cfg.train_batch_size
+    for epoch in range(start_epoch, t.epochs):
+        t0 = time.time()
+        d = cfg.data.dataset_for_epoch(epoch)
+        # 1. prompts: the same global list everywhere, this process takes a contiguous share
+        prompts = epoch_prompts(datasets[d], s.prompts_per_epoch, t.seed, epoch)
+        mine = prompts[rank * n_prompts : (rank + 1) * n_prompts]
+        window = None
+        if s.sde_window_size:
+            lo, hi = s.sde_window_range
+            rng = np.random.default_rng(seed_for(t.seed, "window", epoch))
+            start = int(rng.integers(lo, hi - s.sde_window_size + 1))
+            window = (start, start + s.sde_window_size)
+
+        # 2. rollouts with the current policy
+        model.transformer.eval()
+        ro = collect_rollouts(
+            model, mine, rank * n_prompts, s.group_size, num_steps=s.num_steps, kind=s.kind,
+            noise_level=s.noise_level, guidance_scale=cfg.model.guidance_scale,
+            batch_size=s.batch_size, seed=t.seed, epoch=epoch, sde_window=window,
+        )  # fmt: skip
+        t_sample = time.time() - t0
+
+        # 3. rewards -> group advantages over the whole (gathered) epoch
+        t1 = time.time()
+        local_r = rewards[d](ro.images, ro.prompts, ro.records).float()
+        all_r = dist.gather_cat(local_r)
+        all_g = dist.gather_cat(ro.group_ids)
+        adv_all = group_advantages(all_r, all_g, std=t.adv_std, clip=t.adv_clip)
+        adv = adv_all[rank * len(ro) : (rank + 1) * len(ro)]
+        t_score = time.time() - t1
+
+        # 4. train on the recorded steps
+        t2 = time.time()
+        steps = trained_steps(ro.trajectory.stochastic, s.num_steps, t.timestep_fraction)
+        stats: dict[str, list[float]] = defaultdict(list)
+        model.transformer.train()
+        gen = torch.Generator().manual_seed(seed_for(t.seed, "shuffle", epoch, rank))
+        for _inner in range(t.inner_epochs):
+            order = torch.randperm(len(ro), generator=gen)
+            batches = [order[i : i + mb] for i in range(0, len(ro), mb)]
+            for b_idx, rows in enumerate(batches):
+                traj, cond, a = ro.trajectory[rows], ro.cond[rows], adv[rows]
+                for j in steps:
+                    step, _ = rescore_step(model, traj, j, cond, kind=s.kind,
+                                           noise_level=s.noise_level,
+                                           guidance_scale=cfg.model.guidance_scale)  # fmt: skip
+                    kl = None
+                    if t.beta_kl > 0:
+                        with torch.no_grad(), model.adapters_disabled():
+                            ref, _ = rescore_step(model, traj, j, cond, kind=s.kind,
+                                                  noise_level=s.noise_level,
+                                                  guidance_scale=cfg.model.guidance_scale)  # fmt: skip
+                        dt = traj.sigmas[j + 1] - traj.sigmas[j]
+                        kl = reference_kl(
+                            step.mean, ref.mean, step.std, dt, exact=t.kl_form == "exact"
+                        )
+                    loss, st = grpo_loss(step.log_prob, traj.log_probs[:, j], a,
+                                         clip_range=t.clip_range, kl=kl, beta=t.beta_kl)  # fmt: skip
+                    (loss / (len(steps) * acc_steps)).backward()
+                    for k, v in st.items():
+                        stats[k].append(v)
+                if (b_idx + 1) % acc_steps == 0 or b_idx + 1 == len(batches):
+                    reduce_gradients(params, world)
+                    grad_norm = (
+                        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                        if t.max_grad_norm > 0
+                        else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
+                    )
+                    if guard.check(loss.detach(), params):
+                        opt.step()
+                        opt_steps += 1
+                        if ema is not None:
+                            ema.step()
+                    stats["grad_norm"].append(float(grad_norm))
+                    opt.zero_grad(set_to_none=True)
+        t_train = time.time() - t2
+
+        # 5. log, evaluate, checkpoint
+        record = {k: float(np.mean(v)) for k, v in stats.items()}
+        record.update(advantage_stats(all_r, all_g, adv_all, clip=t.adv_clip))
+        record.update(
+            reward_mean=float(all_r.mean()), reward_std=float(all_r.std()),
+            opt_steps=opt_steps, images=len(all_r) * (epoch + 1), dataset=labels[d],
+        )  # fmt: skip
+        record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
+        last = epoch + 1 == t.epochs
+        if (
+            cfg.eval.every
+            and ((epoch + 1) % cfg.eval.every == 0 or last)
+            or (last and cfg.eval.benchmarks)
+        ):
+            record.update(evaluate_and_save(run, cfg, ema, params, epoch))
+        logger.log(epoch, record)
+        run.history.append({"epoch": epoch, **record})
+        if run.main and (
+            (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0) or last
+        ):
+            state = {
+                "epoch": epoch,
+                "opt_steps": opt_steps,
+                "lora": model.adapter_state_dict(POLICY),
+                "optimizer": opt.state_dict(),
+                "guard": guard.state_dict(),
+            }
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_checkpoint(out, epoch + 1, state, keep_last=cfg.output.keep_last or None)
+        dist.barrier()
+
+    # final adapter in the diffusers format (EMA weights when EMA is on)
+    if run.main:
+        if ema is not None:
+            with ema.swapped(params):
+                model.save_adapter(POLICY, Path(out) / "lora")
+        else:
+            model.save_adapter(POLICY, Path(out) / "lora")
+    logger.close()
+    dist.barrier()
+    return run

@@ -1,0 +1,134 @@
+"""Run set-up shared by the training recipes: processes, output dir, model + adapter,
+rewards from config, gradient averaging, evaluation with EMA weights."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowopd.config import dump_config
+from flowopd.engine import distributed as dist
+from flowopd.models import load_model
+from flowopd.models.base import FlowModel
+from flowopd.paths import resolve_model_path
+from flowopd.rewards.base import RewardFn, get_reward
+
+
+@dataclass
+class Run:
+    model: FlowModel
+    out: Path
+    world: int
+    rank: int
+    main: bool
+    accelerator: Any = None
+    history: list[dict] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+
+def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Run:
+    """Processes (accelerate; CPU under torchrun works), output dir with the resolved
+    config, the model on this process's device and a fresh trainable LoRA ``adapter``."""
+    from flowopd.cli.common import quiet_libraries
+
+    quiet_libraries()
+    acc = dist.setup_accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    cfg.check_distributed(world)
+    out = Path(cfg.output.dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, out / "config.yaml")
+    if model is None:
+        model = load_model(
+            resolve_model_path(cfg.model.path),
+            backend=cfg.model.backend,
+            device=acc.device,
+            dtype=cfg.model.dtype,
+        )
+    if adapter is not None:
+        torch.manual_seed(cfg.train.seed)  # the LoRA A init is random: same on every process
+        lora = cfg.model.lora
+        model.add_adapter(
+            adapter, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
+            init=lora.init if lora.init != "default" else True,
+        )  # fmt: skip
+        model.set_adapter(adapter, trainable=True)
+    return Run(
+        model=model, out=out, world=world, rank=rank, main=acc.is_main_process, accelerator=acc
+    )
+
+
+def build_reward(section, name: str = "") -> RewardFn:
+    """The reward of a config's ``reward`` section (or a dataset's own reward ``name``)."""
+    from flowopd.rewards.combine import route_by_task, weighted_sum
+
+    opts = section.options
+    if name:
+        return get_reward(name, **opts.get(name, {}))
+    if section.mode == "single":
+        return get_reward(section.name, **opts.get(section.name, {}))
+    if section.mode == "weighted":
+        return weighted_sum(section.weights, options=opts)
+    if section.mode == "routed":
+        return route_by_task(section.routing, options=opts)
+    raise ValueError("no reward configured")
+
+
+def reduce_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Average the LoRA gradients over processes (what DDP does, for the trained params only)."""
+    if world <= 1:
+        return
+    import torch.distributed as tdist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).clone()
+        offset += n
+
+
+def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float]:
+    """Evaluate the benchmarks with the EMA weights on the main process; write eval/."""
+    from contextlib import nullcontext
+
+    from flowopd.eval.benchmarks import EvalSettings, evaluate
+    from flowopd.eval.report import save_grid, write_json
+
+    if not run.main or not cfg.eval.benchmarks:
+        return {}
+    settings = EvalSettings(
+        steps=cfg.sample.eval_num_steps,
+        guidance_scale=cfg.model.guidance_scale,
+        n=cfg.eval.num_prompts,
+        batch_size=cfg.eval.batch_size,
+    )
+    was_training = run.model.transformer.training
+    run.model.transformer.eval()
+    with ema.swapped(params) if ema is not None else nullcontext():
+        res = evaluate(run.model, cfg.eval.benchmarks, settings)
+    run.model.transformer.train(was_training)
+    write_json(run.out / "eval" / "metrics.json", res.metrics)
+    write_json(run.out / "eval" / f"epoch-{epoch + 1:04d}" / "metrics.json", res.metrics)
+    images = torch.cat(list(res.images.values()))[:48]
+    captions = sum((res.prompts[k] for k in res.images), [])[:48]
+    save_grid(run.out / "eval" / "grid.png", images, captions)
+    flat = {}
+    for bench, vals in res.metrics.items():
+        for k, v in vals.items():
+            flat[f"eval/{bench}" if k == "overall" else f"eval/{bench}/{k}"] = v
+    return flat
