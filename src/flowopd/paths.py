@@ -14,8 +14,9 @@ def default_model() -> str:
 
     if not (EMBEDDED_MODEL / "model_index.json").is_file():
         raise UserError(
-            "no --model given and the embedded model is missing from this install; "
-            "pass --model DIR or build it with `flowopd pretrain --out DIR`"
+            f"the embedded model is missing from this install ({EMBEDDED_MODEL}); "
+            "pass a model directory (--model DIR / model.path=DIR) or build it with "
+            "`flowopd pretrain --out DIR`"
         )
     return str(EMBEDDED_MODEL)
 

@@ -19,6 +19,9 @@ COMMAND_MODULES = [
     "flowopd.cli.pretrain",
     "flowopd.cli.eval",
     "flowopd.cli.train",
+    "flowopd.cli.estimate",
+    "flowopd.cli.merge",
+    "flowopd.cli.pipeline",
     "flowopd.cli.serve_reward",
     "flowopd.cli.world",
 ]

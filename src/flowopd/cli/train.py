@@ -6,6 +6,9 @@ import argparse
 
 ALGOS = {
     "grpo": ("flowopd.recipes.grpo_config:GRPOConfig", "flowopd.recipes.grpo:train_grpo"),
+    "opd": ("flowopd.recipes.opd_config:OPDConfig", "flowopd.recipes.opd:train_opd"),
+    "sft": ("flowopd.recipes.sft_config:SFTConfig", "flowopd.recipes.sft:train_sft"),
+    "crd": ("flowopd.recipes.crd_config:CRDConfig", "flowopd.recipes.crd:train_crd"),
 }
 
 

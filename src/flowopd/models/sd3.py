@@ -69,6 +69,9 @@ class SD3Model:
         max_sequence_length: int = 256,
         decode_chunk: int = 16,
         path: str | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        offload_text_encoders: bool = False,
     ) -> None:
         self.pipe = pipe
         self.path = path
@@ -78,12 +81,26 @@ class SD3Model:
         self.decode_chunk = decode_chunk
         self.transformer: nn.Module = pipe.transformer
         self.vae = pipe.vae
+        # offloaded text encoders stay on the CPU and visit the device only while encoding
+        self._offload_te = offload_text_encoders
         for m in self._modules():
             m.requires_grad_(False)
             m.eval()
-            m.to(self.device)
+            if not (offload_text_encoders and m in self._text_encoders()):
+                m.to(self.device)
         if self.transformer.dtype != self.dtype:
             self.transformer.to(dtype=self.dtype)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            # diffusers re-runs each block in the backward (non-reentrant torch checkpoint,
+            # so LoRA weights inside a block still get gradients) instead of storing its
+            # ~20 d activations per token: ~1 extra forward for most of the activations.
+            self.transformer.enable_gradient_checkpointing()
+        self.compiled = compile
+        if compile:
+            # in place (nn.Module.compile): parameter names, peft adapters and saving are
+            # unchanged; adding an adapter or new shapes trigger a recompilation
+            self.transformer.compile()
         self._neg: Cond | None = None
         self._trainable: str | None = None
         self._active: str | None = None
@@ -103,8 +120,15 @@ class SD3Model:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         max_sequence_length: int | None = None,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        offload_text_encoders: bool = False,
     ) -> SD3Model:
-        """Load a diffusers pipeline directory (``model_index.json``) or a hub id."""
+        """Load a diffusers pipeline directory (``model_index.json``) or a hub id.
+
+        gradient_checkpointing / compile / offload_text_encoders: see ``SD3Model``'s
+        constructor (memory and speed options; all off by default).
+        """
         from diffusers import StableDiffusion3Pipeline
 
         local = Path(path).expanduser()
@@ -143,7 +167,11 @@ class SD3Model:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load model '{path}': {first}") from None
         msl = max_sequence_length or int(meta.get("max_sequence_length", 256))
-        return cls(pipe, device=device, dtype=dtype, max_sequence_length=msl, path=str(path))
+        return cls(
+            pipe, device=device, dtype=dtype, max_sequence_length=msl, path=str(path),
+            gradient_checkpointing=gradient_checkpointing, compile=compile,
+            offload_text_encoders=offload_text_encoders,
+        )  # fmt: skip
 
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
         """Save the pipeline (and flowopd metadata) atomically to ``path``."""
@@ -159,6 +187,10 @@ class SD3Model:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _text_encoders(self) -> list[nn.Module]:
+        p = self.pipe
+        return [m for m in (p.text_encoder, p.text_encoder_2, p.text_encoder_3) if m is not None]
 
     def _modules(self) -> list[nn.Module]:
         p = self.pipe
@@ -193,7 +225,12 @@ class SD3Model:
             raise UserError("prompts must be a list of strings")
         if len(prompts) == 0:
             raise UserError("no prompts given")
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
+        with self._text_encoders_on_device():
+            embeds, _, pooled, _ = self._encode(prompts)
+        return Cond(embeds.float(), pooled.float())
+
+    def _encode(self, prompts: Sequence[str]):
+        return self.pipe.encode_prompt(
             prompt=list(prompts),
             prompt_2=None,
             prompt_3=None,
@@ -202,7 +239,6 @@ class SD3Model:
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        return Cond(embeds.float(), pooled.float())
 
     def negative_cond(self, n: int) -> Cond:
         if self._neg is None:
@@ -210,10 +246,33 @@ class SD3Model:
         return self._neg.expand(n)
 
     def offload_text_encoders(self) -> None:
-        """Move the text encoders to CPU (after a run's prompts are encoded)."""
-        for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3):
-            if m is not None:
+        """Move the text encoders to CPU now and keep them there between encodings
+        (each later ``encode_prompts`` brings them to the device and back)."""
+        self._offload_te = True
+        for m in self._text_encoders():
+            m.to("cpu")
+
+    @contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """With offloading: the encoders on the device for the body, back on CPU after.
+
+        SD3's encoders (CLIP-L, CLIP-G, T5-XXL: 5.6B parameters, 22 GB in float32) are
+        needed for a few prompts per epoch; keeping them off the GPU frees that memory for
+        activations at the cost of a host-to-device copy per encoding call.
+        """
+        if not self._offload_te or self.device.type == "cpu":
+            yield
+            return
+        encoders = self._text_encoders()
+        for m in encoders:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in encoders:
                 m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- velocity ---------------------------------------------------------------------------
     def _autocast(self):
@@ -245,6 +304,13 @@ class SD3Model:
         t_in = sig * 1000.0
         c_in = cond.to(self.device)
         names = list(adapters) if adapters is not None else None
+        if names and self.gradient_checkpointing and torch.is_grad_enabled():
+            # the backward re-runs each block after the routing hooks are gone: it would
+            # silently recompute with the active adapter instead of the per-sample ones
+            raise UserError(
+                "per-sample adapter routing with gradients cannot be combined with "
+                "gradient_checkpointing; turn one of them off"
+            )
         if cfg:
             x_in = torch.cat([x_in, x_in])
             t_in = torch.cat([t_in, t_in])

@@ -84,12 +84,15 @@ def collect_rollouts(
     epoch: int,
     sde_window: tuple[int, int] | None = None,
     adapters_for: callable | None = None,
+    record: bool = True,
 ) -> Rollouts:
     """Sample ``group_size`` images for each record with the active adapter (no grad).
 
     Prompts are encoded once. Each sample's noise comes from a generator seeded by
     (seed, epoch, global prompt index, image index), so a run gives the same samples on
-    any number of processes and any batch size.
+    any number of processes and any batch size. ``record=False`` keeps no trajectory
+    (``trajectory.latents`` holds only the final sample): for recipes that train on the
+    clean samples alone (CRD), it saves the (N, T + 1, C, h, w) states and step means.
     """
     prompts = [r["prompt"] for r in records]
     cond_unique = model.encode_prompts(prompts)
@@ -109,6 +112,7 @@ def collect_rollouts(
             model, cond[rows], num_steps, kind=kind, noise_level=noise_level,
             guidance_scale=guidance_scale, generator=gens, sde_window=sde_window,
             adapters=adapters_for([sample_records[i] for i in rows]) if adapters_for else None,
+            record=record,
         )  # fmt: skip
         outs.append(out)
     return Rollouts(

@@ -118,6 +118,23 @@ class ModelConfig:
         "Classifier-free guidance w in v_u + w (v_c - v_u), for sampling and training.", 4.5
     )
     lora: LoRAConfig = _help("LoRA adapter.", factory=LoRAConfig)
+    gradient_checkpointing: bool = _help(
+        "Recompute each transformer block in the backward instead of keeping its "
+        "activations (~20 d values per token per block): activations shrink ~20x for ~1 "
+        "extra forward per training step. Not combinable with per-sample adapter routing "
+        "under gradients.",
+        False,
+    )
+    compile: bool = _help(
+        "torch.compile the transformer (in place). Compiles on the first steps and again "
+        "on new shapes or adapters; gains depend on GPU and torch version.",
+        False,
+    )
+    offload_text_encoders: bool = _help(
+        "Keep the text encoders (SD3: CLIP-L, CLIP-G, T5-XXL, ~22 GB in float32) on the "
+        "CPU and move them to the device only while encoding prompts.",
+        False,
+    )
 
     def validate(self) -> None:
         if not self.path:
@@ -378,6 +395,11 @@ class TrainConfig:
         "Abort after this many consecutive optimizer steps with a non-finite loss or grad.", 3
     )
     seed: int = _help("Random seed (prompts, noise, shuffling).", 42)
+    adamw_8bit: bool = _help(
+        "AdamW with 8-bit states (bitsandbytes, CUDA only); falls back to torch AdamW "
+        "with a warning when unavailable.",
+        False,
+    )
 
     def validate(self) -> None:
         if not 0 < self.timestep_fraction <= 1:

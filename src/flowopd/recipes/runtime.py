@@ -19,6 +19,10 @@ from flowopd.paths import resolve_model_path
 from flowopd.rewards.base import RewardFn, get_reward
 
 
+# ModelConfig switches passed to the backend's from_pretrained when set (see grpo_config)
+SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders")
+
+
 @dataclass
 class Run:
     model: FlowModel
@@ -55,6 +59,8 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
             backend=cfg.model.backend,
             device=acc.device,
             dtype=cfg.model.dtype,
+            # memory/speed options (getattr: configs of other recipes may lack them)
+            **{k: getattr(cfg.model, k) for k in SPEED_OPTIONS if getattr(cfg.model, k, False)},
         )
     if adapter is not None:
         torch.manual_seed(cfg.train.seed)  # the LoRA A init is random: same on every process

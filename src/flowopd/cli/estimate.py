@@ -1,0 +1,72 @@
+"""``flowopd estimate --config FILE.yaml [--gpu h100] [--gpus N]``: memory and time before launch.
+
+Counts FLOPs and bytes from the model's architecture (``transformer/config.json`` of a
+local pipeline directory, or a known hub id such as stabilityai/stable-diffusion-3.5-medium
+without downloading) and the run config; nothing is loaded onto a device. See
+``flowopd.perf.estimate_run`` for the formulas and docs/PERFORMANCE.md for how the
+numbers compare with measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    from flowopd.perf import DEFAULT_MFU, DEVICES
+
+    kinds = [*DEVICES, "cpu"]
+    p = sub.add_parser(
+        "estimate",
+        help="estimate peak memory per GPU and time per epoch of a training config",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument("--algo", default="grpo", help="recipe whose config this is (default: grpo)")
+    p.add_argument(
+        "--gpu", default="h100", choices=kinds,
+        help="device kind: peak TFLOP/s and memory from the datasheet; cpu: a GEMM measured now",
+    )  # fmt: skip
+    p.add_argument("--gpus", type=int, default=1, help="number of processes (one per GPU)")
+    p.add_argument(
+        "--mfu", type=float, default=DEFAULT_MFU,
+        help=f"assumed achieved fraction of the peak (default {DEFAULT_MFU})",
+    )  # fmt: skip
+    p.add_argument("--json", default=None, help="also write the estimate as JSON here")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=4")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from flowopd.cli.train import ALGOS, _load
+    from flowopd.config import load_config
+    from flowopd.errors import UserError, unknown
+    from flowopd.perf import estimate_run, format_estimate
+
+    if args.algo not in ALGOS:
+        raise unknown("algorithm", args.algo, ALGOS)
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    if not 0 < args.mfu <= 1:
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    cfg = load_config(_load(ALGOS[args.algo][0]), args.config, list(args.overrides), validate=False)
+    # the checks that need no data files (an estimate runs before the data is in place)
+    for section in ("model", "sample", "train"):
+        hook = getattr(getattr(cfg, section, None), "validate", None)
+        if callable(hook):
+            hook()
+    if hasattr(cfg, "check_distributed"):
+        cfg.check_distributed(args.gpus)
+    est = estimate_run(cfg, args.gpu, args.gpus, mfu=args.mfu)
+    if args.algo != "grpo":
+        est.notes.append(
+            f"'{args.algo}' is costed as GRPO: policy forward + backward and one reference "
+            "forward per trained step; extra teacher forwards are not counted"
+        )
+    print(format_estimate(est))
+    if args.json:
+        Path(args.json).write_text(json.dumps(est.to_dict(), indent=2) + "\n")
+    return 0

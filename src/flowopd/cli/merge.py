@@ -1,0 +1,49 @@
+"""``flowopd merge``: average teacher LoRAs into one (Flow-OPD's merge cold start)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="merge teacher LoRAs into a student cold start (ab_mean or exact delta)"
+    )
+    p.add_argument("--teachers", nargs="+", required=True, help="teacher LoRA dirs")
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=None,
+        help="one weight per teacher (normalised to sum 1; default equal)",
+    )  # fmt: skip
+    p.add_argument(
+        "--method", default="ab_mean", choices=["ab_mean", "delta"],
+        help="ab_mean: average lora_A and lora_B separately (the published code); delta: "
+        "average B@A exactly and re-factorise by truncated SVD (default ab_mean)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rank", type=int, default=None,
+        help="output rank of --method delta (default: the teachers' rank; exact when >= "
+        "the sum of their ranks)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output LoRA dir (diffusers format)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowopd.cli.common import quiet_libraries
+    from flowopd.recipes.merge import merge_loras, write_lora
+
+    quiet_libraries()
+
+    merged, report = merge_loras(
+        args.teachers, method=args.method, weights=args.weights, rank=args.rank
+    )
+    out = Path(args.out)
+    write_lora(out, merged)
+    tmp = out / ".merge.json.tmp"
+    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    os.replace(tmp, out / "merge.json")
+    print(f"{report.summary()}; wrote {out}")
+    return 0

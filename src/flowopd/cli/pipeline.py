@@ -1,0 +1,41 @@
+"""``flowopd pipeline CONFIG``: teachers -> GRPO-Mix -> cold start -> Flow-OPD -> eval -> report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pipeline", help="run the whole Flow-OPD experiment (idempotent)")
+    p.add_argument("config", help="pipeline YAML, e.g. configs/toy/flow_opd.yaml")
+    p.add_argument("--out", default=None, help="output directory (same as out=DIR)")
+    p.add_argument("--budget", default="full", choices=["full", "demo"],
+                   help="demo: add the config's demo_overrides to every training stage")  # fmt: skip
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from flowopd.config import load_config
+    from flowopd.engine.distributed import shutdown
+    from flowopd.recipes.pipeline import run_pipeline
+    from flowopd.recipes.pipeline_config import PipelineConfig
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    cfg = load_config(PipelineConfig, args.config, overrides)
+    t0 = time.time()
+    try:
+        rows = run_pipeline(cfg, budget=args.budget)
+    finally:
+        shutdown()
+    cols = [c for c in rows[0] if c != "model"] if rows else []
+    print(f"\n{'model':<22}" + "".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print(
+            f"{r['model']:<22}"
+            + "".join(f"{r[c]:>14.3f}" if r[c] is not None else f"{'-':>14}" for c in cols)
+        )
+    print(f"\nreport: {cfg.out}/report/index.html  ({(time.time() - t0) / 60:.1f} min)")
+    return 0

@@ -1,0 +1,323 @@
+"""The CRD run config: GRPO's sections reused, plus a ``crd`` section (METHODS.md §4).
+
+CRD (Centered Reward Distillation) samples like GRPO (prompts x G images per epoch, split
+by whole prompt groups over processes) but trains on forward-noised clean samples instead
+of recorded trajectory steps. So the run reuses GRPO's section classes (subclassed only
+where a default or a help text differs) and its epoch layout (``check_distributed``:
+processes, sampling batches, minibatches, accumulation), with these differences:
+
+- ``sample.kind`` may be ``ode`` and is by default: rollouts need only the clean latents;
+- ``model.guidance_scale`` is the *student's* guidance, 1.0 (no CFG) by default: the policy
+  is sampled, trained and evaluated without CFG, while the KL anchor is the base model at
+  ``crd.anchor_guidance_scale`` (4.5);
+- a training minibatch must hold whole prompt groups, because ``crd_loss`` centers the
+  implicit reward and the targets over the images of each prompt (exactly, not
+  approximately): ``train.batch_size`` is a multiple of ``sample.group_size``, and groups
+  (not images) are shuffled into minibatches;
+- GRPO-only knobs (``train.clip_range``, ``train.kl_form``, ``train.timestep_fraction``,
+  ``train.beta_kl``, ``sample.sde_window_size``) must stay at their defaults: CRD does not
+  read them, and a set value would silently do nothing.
+
+Per optimizer step the policy sees ``gradient_accumulation`` minibatches, each at
+``crd.times_per_batch`` (default: all ``crd.num_times``) training times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flowopd.algorithms.crd import EmaDecays, ema_decays
+from flowopd.errors import UserError
+from flowopd.recipes.grpo_config import (
+    DataConfig,
+    EvalConfig,
+    GRPOConfig,
+    ModelConfig,
+    OutputConfig,
+    RewardConfig,
+    SampleConfig,
+    TrainConfig,
+    _help,
+)
+from flowopd.sde import timesteps
+
+__all__ = [
+    "CRDModelConfig",
+    "CRDSampleConfig",
+    "CRDTrainConfig",
+    "CRDOutputConfig",
+    "CRDMethodConfig",
+    "CRDConfig",
+]
+
+# Fields of the shared sections that only Flow-GRPO reads (section, name).
+_GRPO_ONLY = [
+    ("train", "clip_range"),
+    ("train", "kl_form"),
+    ("train", "timestep_fraction"),
+    ("train", "beta_kl"),
+    ("sample", "sde_window_size"),
+]
+
+
+# The shared sections, with CRD's defaults. Only defaults and help change; fields and
+# validation are GRPO's. (A default_factory on CRDConfig would not do: a YAML section
+# is built from its class, so a given ``model:`` mapping would get GRPO's CFG 4.5.)
+
+
+@dataclass
+class CRDModelConfig(ModelConfig):
+    """The base model and its adapter; the student runs without CFG."""
+
+    guidance_scale: float = _help(
+        "The student's classifier-free guidance w, for sampling, training and evaluation "
+        "(CRD: 1.0, no CFG; the KL anchor's CFG is crd.anchor_guidance_scale).",
+        1.0,
+    )
+
+
+@dataclass
+class CRDSampleConfig(SampleConfig):
+    """Rollouts: GRPO's sample section, with deterministic ODE rollouts as the default."""
+
+    kind: Literal["ode", "sde", "cps"] = _help(
+        "Rollout sampler: 'ode' (deterministic Euler, CRD's default: only the clean samples "
+        "are used), or the stochastic 'sde' / 'cps' at sample.noise_level.",
+        "ode",
+    )
+    sde_window_size: int = _help("Flow-GRPO-Fast only; must stay 0 for CRD.", 0)
+
+
+@dataclass
+class CRDTrainConfig(TrainConfig):
+    """Optimisation: AdamW on the policy LoRA with the CRD objective."""
+
+    clip_range: float = _help("Flow-GRPO only (PPO clip); unused by CRD.", 1e-4)
+    beta_kl: float = _help(
+        "Flow-GRPO only; must stay 0: CRD's KL weight is crd.beta_kl (crd.kl_anchor).", 0.0
+    )
+    kl_form: Literal["public", "exact"] = _help("Flow-GRPO only; unused by CRD.", "public")
+    timestep_fraction: float = _help("Flow-GRPO only; unused by CRD.", 0.99)
+
+
+@dataclass
+class CRDOutputConfig(OutputConfig):
+    """Where the run writes config.yaml, log.jsonl, tensorboard/, checkpoints/, lora/."""
+
+    dir: str = _help("Output directory of the run.", "runs/crd")
+
+
+@dataclass
+class CRDMethodConfig:
+    """Centered Reward Distillation: the objective, its KL anchor, the snapshots, the times."""
+
+    beta: float = _help(
+        "Implicit-reward temperature beta in L = (1/beta) mean_i [beta l_c,i - a_c,i]^2. "
+        "The loss is zero where the policy's centered implicit reward over the old "
+        "snapshot is l_c = a_c / beta (|a_c| <= 1): a larger beta holds the policy closer "
+        "to the old snapshot each epoch; the first gradient (at l = 0) is the same for any "
+        "beta. Default 1.0: l (a per-element mean of normalised flow-matching errors) "
+        "moves by ~1e-4 per step, far below a_c, so the trust region rarely binds and drift "
+        "is left to the KL anchor and the old snapshot's EMA (on the tiny test model beta "
+        "= 1 raised the reward in 10 epochs where beta = 1000 held it flat).",
+        1.0,
+    )
+    normalize: Literal["adaptive", "plain"] = _help(
+        "Implicit reward l = -mean[(v_theta - u)^2 / w_theta - (v_old - u)^2 / w_old]: "
+        "'adaptive' w = detached mean |v - u| per image (every t on one scale), 'plain' w = 1.",
+        "adaptive",
+    )
+    kl_anchor: bool = _help(
+        "Add the KL anchor to the CFG-guided base model, beta_kl * mean_i c_i "
+        "||v_theta - v_base^CFG||^2 with c_i = m + a_i (1 - m), m = 1e-4 / beta_kl.",
+        True,
+    )
+    beta_kl: float = _help("Weight of the KL anchor (the paper: 0.1).", 0.1)
+    anchor_guidance_scale: float = _help(
+        "CFG scale of the base model the KL anchor pulls toward (adapters off; 4.5 for "
+        "SD3.5-M). The student itself runs at model.guidance_scale (1.0: no CFG).",
+        4.5,
+    )
+    num_times: int = _help(
+        "Training times per sample: the num_times sigmas of the sampling schedule with "
+        "crd.time_shift, from 1 (noise) down (the paper: 20 with shift 3).",
+        20,
+    )
+    times_per_batch: int | None = _help(
+        "How many of the num_times times each minibatch is trained on, a random subset "
+        "drawn per minibatch (null = all of them, as published). Lower it to trade "
+        "gradient quality for speed: each time costs a policy forward + backward, an old "
+        "forward and, with the anchor on, a CFG base forward.",
+        None,
+    )
+    time_shift: float | None = _help(
+        "Shift of the training-time schedule; null = the model's scheduler shift (3.0 for SD3.5).",
+        None,
+    )
+    sampler_warmup: int = _help(
+        "Sampler snapshot decay (it draws the rollouts): 0 for the first sampler_warmup "
+        "optimizer steps (on-policy), then min(sampler_rate (step - warmup), max_decay). "
+        "Snapshots are updated after each epoch with step = optimizer steps taken so far.",
+        75,
+    )
+    sampler_rate: float = _help("Growth of the sampler decay per step after the warmup.", 0.0075)
+    old_start: float = _help(
+        "Old snapshot decay (it defines v_old): min(old_start + old_rate step, max_decay).",
+        0.25,
+    )
+    old_rate: float = _help("Growth of the old snapshot's decay per optimizer step.", 0.005)
+    max_decay: float = _help("Cap of both snapshot decays.", 0.999)
+
+    def validate(self) -> None:
+        for name in ("beta", "beta_kl"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"crd.{name} must be > 0, got {getattr(self, name)}")
+        if self.anchor_guidance_scale < 0:
+            raise UserError(
+                f"crd.anchor_guidance_scale must be >= 0, got {self.anchor_guidance_scale}"
+            )
+        if self.num_times < 1:
+            raise UserError(f"crd.num_times must be >= 1, got {self.num_times}")
+        if self.times_per_batch is not None and not 1 <= self.times_per_batch <= self.num_times:
+            raise UserError(
+                f"crd.times_per_batch must lie in [1, crd.num_times={self.num_times}] "
+                f"(or null = all), got {self.times_per_batch}"
+            )
+        if self.time_shift is not None and self.time_shift <= 0:
+            raise UserError(f"crd.time_shift must be > 0 (or null), got {self.time_shift}")
+        if self.sampler_warmup < 0:
+            raise UserError(f"crd.sampler_warmup must be >= 0, got {self.sampler_warmup}")
+        for name in ("sampler_rate", "old_rate"):
+            if getattr(self, name) < 0:
+                raise UserError(f"crd.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("old_start", "max_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"crd.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def times_used(self) -> int:
+        """Training times per minibatch (times_per_batch, else num_times)."""
+        return self.times_per_batch or self.num_times
+
+    def decays(self, step: int) -> EmaDecays:
+        """Snapshot decays after ``step`` optimizer steps (``algorithms.crd.ema_decays``)."""
+        return ema_decays(
+            step, sampler_warmup=self.sampler_warmup, sampler_rate=self.sampler_rate,
+            old_start=self.old_start, old_rate=self.old_rate, max_decay=self.max_decay,
+        )  # fmt: skip
+
+    def time_grid(self, model_shift: float) -> torch.Tensor:
+        """The ``num_times`` training times: the sampling schedule's sigmas without its
+        final 0, (num_times,) float32 from 1 down (20 with shift 3: 1.0, 0.99, ..., 0.009)."""
+        return timesteps(self.num_times, self.time_shift or model_shift)[:-1]
+
+
+@dataclass
+class CRDConfig:
+    """A CRD run (SD3.5-M defaults of METHODS.md §4)."""
+
+    model: CRDModelConfig = _help(
+        "Base model and LoRA; model.guidance_scale is the student's (1.0: no CFG).",
+        factory=CRDModelConfig,
+    )
+    data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
+    reward: RewardConfig = _help("Reward.", factory=RewardConfig)
+    sample: CRDSampleConfig = _help(
+        "Rollouts (from the sampler snapshot).", factory=CRDSampleConfig
+    )
+    train: CRDTrainConfig = _help("Optimisation.", factory=CRDTrainConfig)
+    crd: CRDMethodConfig = _help(
+        "The CRD objective and its drift controls.", factory=CRDMethodConfig
+    )
+    eval: EvalConfig = _help("Evaluation (policy adapter, EMA when train.ema).", factory=EvalConfig)
+    output: CRDOutputConfig = _help("Outputs.", factory=CRDOutputConfig)
+
+    # -- derived values: the epoch layout is GRPO's ---------------------------------------
+
+    def _layout(self) -> GRPOConfig:
+        """A GRPOConfig over the shared sections (not validated): GRPO's derived values and
+        divisibility rules apply unchanged to CRD's epoch."""
+        return GRPOConfig(
+            model=self.model, data=self.data, reward=self.reward, sample=self.sample,
+            train=self.train, eval=self.eval, output=self.output,
+        )  # fmt: skip
+
+    @property
+    def images_per_epoch(self) -> int:
+        """prompts_per_epoch x group_size, over all processes (48 x 24 = 1152)."""
+        return self._layout().images_per_epoch
+
+    @property
+    def train_batch_size(self) -> int:
+        """Training minibatch per process (train.batch_size, else sample.batch_size)."""
+        return self._layout().train_batch_size
+
+    @property
+    def groups_per_batch(self) -> int:
+        """Whole prompt groups per training minibatch."""
+        return self.train_batch_size // self.sample.group_size
+
+    def prompts_per_process(self, world_size: int = 1) -> int:
+        return self._layout().prompts_per_process(world_size)
+
+    def images_per_process(self, world_size: int = 1) -> int:
+        return self._layout().images_per_process(world_size)
+
+    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
+        """Minibatches per optimizer step (see ``GRPOConfig.gradient_accumulation_steps``)."""
+        return self._layout().gradient_accumulation_steps(world_size)
+
+    def optimizer_steps_per_epoch(self, world_size: int = 1) -> int:
+        return self._layout().optimizer_steps_per_epoch(world_size)
+
+    # -- checks -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Cross-section checks (each section checked itself already)."""
+        self._layout()._check_rewards()
+        defaults = {"train": CRDTrainConfig(), "sample": CRDSampleConfig()}
+        for section, name in _GRPO_ONLY:
+            value = getattr(getattr(self, section), name)
+            if value != getattr(defaults[section], name):
+                hint = (
+                    "; CRD's KL weight is crd.beta_kl (crd.kl_anchor=false turns it off)"
+                    if name == "beta_kl"
+                    else ""
+                )
+                raise UserError(
+                    f"{section}.{name}={value} is a Flow-GRPO setting that CRD does not use; "
+                    f"remove it{hint}"
+                )
+        if self.train.adv_clip <= 0:
+            raise UserError(
+                f"train.adv_clip must be > 0 for CRD (targets a = clip(A, -c, c) / 2c + 0.5), "
+                f"got {self.train.adv_clip}"
+            )
+        self.check_distributed(1)
+
+    def check_distributed(self, world_size: int) -> None:
+        """Raise UserError unless the epoch splits over ``world_size`` processes.
+
+        CRD's rule first: the minibatch holds whole prompt groups (a multiple of G), so
+        that each image's implicit reward is centered over *all* images of its prompt.
+        Then GRPO's rules (``GRPOConfig.check_distributed``): W divides the prompts, the
+        sampling batch and the minibatch divide the images per process, the accumulation
+        divides the minibatches.
+        """
+        mb, G = self.train_batch_size, self.sample.group_size
+        if mb % G:
+            which = (
+                f"train.batch_size={mb}"
+                if self.train.batch_size
+                else f"the training minibatch (train.batch_size=null -> sample.batch_size={mb})"
+            )
+            multiples = ", ".join(str(G * k) for k in range(1, 4))
+            raise UserError(
+                f"{which} must be a multiple of sample.group_size={G}: CRD centers the "
+                f"implicit reward over all images of a prompt, so a minibatch must hold whole "
+                f"prompt groups; use {multiples}, ..."
+            )
+        self._layout().check_distributed(world_size)

@@ -1,0 +1,260 @@
+"""The Flow-OPD experiment as one idempotent command (METHODS.md §3):
+
+  1. teachers: one single-reward Flow-GRPO LoRA per task;
+  2. GRPO-Mix: the multi-reward baseline;
+  3. cold start: merge the teachers' LoRAs (or SFT on their samples);
+  4. Flow-OPD: on-policy distillation into the student with MAR (and without, optionally);
+  5. evaluate every model on every benchmark;
+  6. report: table.json, reward curves, image grids, index.html.
+
+Each stage writes into its own folder under ``out``; a stage whose result is already
+there is skipped, so rerunning the command after an interruption continues where it
+stopped (training stages themselves resume from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from flowopd.config import load_config
+from flowopd.recipes.pipeline_config import PipelineConfig, StageConfig
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _done(run_dir: Path) -> bool:
+    return (run_dir / "lora" / LORA_FILE).is_file()
+
+
+def _stage_overrides(
+    cfg: PipelineConfig, stage: StageConfig, run_dir: Path, budget: str
+) -> list[str]:
+    """The stage's own overrides, then the pipeline's: model, seed, output, no in-run eval."""
+    extra = list(stage.overrides)
+    extra += [
+        f"model.path={cfg.model}",
+        f"train.seed={cfg.seed}",
+        f"output.dir={run_dir}",
+        "output.resume=true",
+        "eval.every=0",
+        "eval.benchmarks=[]",  # the pipeline evaluates every model the same way at the end
+    ]
+    if budget == "demo":
+        extra += cfg.demo_overrides
+    return extra
+
+
+def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
+    """Run (or finish) every stage; returns the report's table rows."""
+    from flowopd.recipes.grpo import train_grpo
+    from flowopd.recipes.grpo_config import GRPOConfig
+    from flowopd.recipes.opd import train_opd
+    from flowopd.recipes.opd_config import OPDConfig
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if budget == "demo":
+        cfg.eval.n = cfg.demo_eval_n
+    models: dict[str, Path | None] = {"base": None}
+    curves: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+
+    def stage(name: str, run_dir: Path, train) -> None:
+        if _done(run_dir):
+            log(f"[pipeline] {name}: done already ({run_dir})")
+            return
+        log(f"[pipeline] {name}: training -> {run_dir}")
+        t0 = time.time()
+        train()
+        timings[name] = round(time.time() - t0, 1)
+
+    # 1. teachers: single-reward GRPO, one per task
+    for t in cfg.teachers:
+        run_dir = out / "teachers" / t.task
+        over = _stage_overrides(cfg, t, run_dir, budget)
+        stage(
+            f"teacher:{t.task}",
+            run_dir,
+            lambda t=t, over=over: train_grpo(load_config(GRPOConfig, t.config, over)),
+        )
+        models[f"teacher:{t.task}"] = run_dir / "lora"
+        curves[f"teacher:{t.task}"] = run_dir / "log.jsonl"
+
+    # 2. the GRPO-Mix baseline
+    if cfg.mix.config:
+        run_dir = out / "grpo_mix"
+        over = _stage_overrides(cfg, cfg.mix, run_dir, budget)
+        stage(
+            "grpo-mix", run_dir, lambda: train_grpo(load_config(GRPOConfig, cfg.mix.config, over))
+        )
+        models["grpo-mix"] = run_dir / "lora"
+        curves["grpo-mix"] = run_dir / "log.jsonl"
+
+    # 3. cold start of the student
+    teachers = [(t.task, out / "teachers" / t.task / "lora") for t in cfg.teachers]
+    init = ""
+    cs = cfg.cold_start
+    if cs.method == "merge":
+        run_dir = out / "cold_start"
+        if not _done(run_dir):
+            from flowopd.recipes.merge import merge_loras
+
+            log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
+            merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
+        init = str(run_dir / "lora")
+    elif cs.method == "sft":
+        from flowopd.recipes.sft import train_sft
+        from flowopd.recipes.sft_config import SFTConfig
+
+        run_dir = out / "cold_start"
+        over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [_teachers_override(teachers)]
+        stage("cold-start", run_dir, lambda: train_sft(load_config(SFTConfig, cs.sft.config, over)))
+        init = str(run_dir / "lora")
+    if init:
+        models["cold-start"] = Path(init)
+
+    # 4. Flow-OPD (and the MAR-off ablation)
+    variants = [("flow-opd", "flow_opd", [])]
+    if cfg.mar_ablation:
+        variants.append(("flow-opd (no MAR)", "flow_opd_no_mar", ["opd.mar_lambda=0"]))
+    for label, folder, extra in variants:
+        run_dir = out / folder
+        over = _stage_overrides(cfg, cfg.opd, run_dir, budget) + [
+            _teachers_override(teachers),
+            f"opd.init={init}",
+            *extra,
+        ]
+        stage(
+            label,
+            run_dir,
+            lambda over=over: train_opd(load_config(OPDConfig, cfg.opd.config, over)),
+        )
+        models[label] = run_dir / "lora"
+        curves[label] = run_dir / "log.jsonl"
+
+    # 5. evaluate every model the same way
+    results = evaluate_models(cfg, models, out / "eval", log=log)
+
+    # 6. report
+    rows = write_report(cfg, results, models, curves, out, timings)
+    return rows
+
+
+def _teachers_override(teachers: list[tuple[str, Path]]) -> str:
+    items = ", ".join(
+        f"{{path: '{p}', tasks: [{task}], name: teacher_{task}}}" for task, p in teachers
+    )
+    return f"opd.teachers=[{items}]"
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "_").replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def evaluate_models(
+    cfg: PipelineConfig, models: dict[str, Path | None], eval_dir: Path, log=print
+) -> dict:
+    """metrics.json of each model (cached in eval_dir/<model>/), evaluated on one base model."""
+    from flowopd.cli.common import quiet_libraries
+    from flowopd.eval.benchmarks import EvalSettings, evaluate
+    from flowopd.eval.report import format_table, save_grid, write_json
+    from flowopd.models import load_model
+    from flowopd.paths import resolve_model_path
+
+    quiet_libraries()
+    settings = EvalSettings(
+        steps=cfg.eval.steps, guidance_scale=cfg.eval.guidance_scale, n=cfg.eval.n,
+        seed=cfg.eval.seed, batch_size=cfg.eval.batch_size,
+    )  # fmt: skip
+    results: dict[str, dict] = {}
+    model = None
+    for name, lora in models.items():
+        d = eval_dir / _slug(name)
+        metrics_file, key_file = d / "metrics.json", d / "settings.json"
+        key = {"benchmarks": list(cfg.eval.benchmarks), **settings.__dict__, "adapters": None}
+        lora_stamp = (lora / LORA_FILE).stat().st_mtime if lora is not None else 0
+        key["lora_mtime"] = lora_stamp  # a retrained stage invalidates its evaluation
+        if (
+            metrics_file.is_file()
+            and key_file.is_file()
+            and json.loads(key_file.read_text()) == key
+        ):
+            results[name] = json.loads(metrics_file.read_text())
+            continue
+        if model is None:
+            model = load_model(resolve_model_path(cfg.model))
+        adapter = None
+        if lora is not None:
+            adapter = _slug(name)
+            model.load_adapter(str(lora), adapter)
+        model.set_adapter(adapter)
+        t0 = time.time()
+        res = evaluate(model, cfg.eval.benchmarks, settings)
+        images = [im[:16] for im in res.images.values()]
+        import torch
+
+        captions = sum((res.prompts[k][:16] for k in res.images), [])
+        save_grid(d / "grid.png", torch.cat(images), captions)
+        write_json(metrics_file, res.metrics)
+        write_json(key_file, key)
+        results[name] = res.metrics
+        log(f"[pipeline] eval {name} ({time.time() - t0:.0f}s)\n{format_table(res.metrics)}")
+    return results
+
+
+def write_report(
+    cfg: PipelineConfig,
+    results: dict,
+    models: dict,
+    curves: dict[str, Path],
+    out: Path,
+    timings: dict,
+) -> list[dict]:
+    from flowopd.eval.html import plot_curves, read_log, table_rows, write_html, write_table
+
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    columns = [b for b in cfg.eval.benchmarks]
+    rows = table_rows(results, columns)
+    write_table(rep / "table.json", rows)
+    reward_curves = {}
+    kl_curves = {}
+    for name, path in curves.items():
+        recs = read_log(path)
+        if name.startswith("flow-opd"):
+            kl_curves[name] = [(r["epoch"], r["kl"]) for r in recs if r.get("kl") is not None]
+        else:
+            reward_curves[name] = [
+                (r.get("images", r["epoch"]), r["reward_mean"]) for r in recs if "reward_mean" in r
+            ]
+    images: dict[str, Path] = {}
+    if reward_curves:
+        plot_curves(
+            rep / "reward_curves.png",
+            reward_curves,
+            xlabel="sampled images",
+            ylabel="training reward",
+            title="GRPO teachers and GRPO-Mix",
+        )
+        images["training reward vs sampled images"] = rep / "reward_curves.png"
+    if kl_curves:
+        plot_curves(
+            rep / "opd_kl.png",
+            kl_curves,
+            xlabel="epoch",
+            ylabel="mean KL to routed teacher",
+            title="Flow-OPD distillation",
+        )
+        images["Flow-OPD: KL to the routed teachers"] = rep / "opd_kl.png"
+    for name in models:
+        grid = out / "eval" / _slug(name) / "grid.png"
+        if grid.is_file():
+            dst = rep / f"grid_{_slug(name)}.png"
+            shutil.copyfile(grid, dst)
+            images[f"samples: {name}"] = dst
+    notes = "stage times (s): " + json.dumps(timings) if timings else ""
+    write_html(rep / "index.html", "Flow-OPD on the embedded world", rows, columns, images, notes)
+    return rows

@@ -1,0 +1,94 @@
+"""Config of the Flow-OPD pipeline: teachers -> GRPO-Mix -> cold start -> OPD -> eval -> report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flowopd.errors import UserError
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class StageConfig:
+    """One training stage: a recipe config file plus key=value overrides."""
+
+    config: str = _help("YAML config of the stage's recipe.", "")
+    overrides: list[str] = _help("key=value overrides applied after the file.", factory=list)
+
+
+@dataclass
+class TeacherStage(StageConfig):
+    """A single-reward GRPO teacher for one task."""
+
+    task: str = _help("Task label this teacher serves (the prompts' 'task').", "")
+
+
+@dataclass
+class ColdStartConfig:
+    method: Literal["merge", "sft", "none"] = _help(
+        "Student initialisation: merge the teachers' LoRAs, SFT on teacher samples, or none.",
+        "merge",
+    )
+    merge_method: Literal["ab_mean", "delta"] = _help(
+        "ab_mean averages lora_A and lora_B separately (published code); delta averages B·A "
+        "and re-factorises it (exact up to the rank).",
+        "ab_mean",
+    )
+    sft: StageConfig = _help("The SFT stage (when method is sft).", factory=StageConfig)
+
+
+@dataclass
+class PipelineEval:
+    benchmarks: list[str] = _help(
+        "Benchmarks of the report's columns.",
+        factory=lambda: ["toy-geneval", "toy-ocr", "toy-quality"],
+    )
+    n: int | None = _help("Prompts per benchmark (null: each benchmark's default).", None)
+    steps: int = _help("ODE steps (40 as in the papers).", 40)
+    guidance_scale: float = _help("CFG scale at evaluation.", 4.5)
+    batch_size: int = _help("Evaluation batch.", 60)
+    seed: int = _help("Noise seed of the evaluation.", 0)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole Flow-OPD experiment of METHODS.md §3 as one idempotent command."""
+
+    out: str = _help("Output directory; finished stages found there are skipped.", "runs/flow_opd")
+    model: str = _help("Base model for every stage ('embedded' = the shipped model).", "embedded")
+    seed: int = _help("Training seed of every stage (train.seed).", 0)
+    teachers: list[TeacherStage] = _help("One GRPO teacher per task.", factory=list)
+    mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)
+    cold_start: ColdStartConfig = _help("Student initialisation.", factory=ColdStartConfig)
+    opd: StageConfig = _help("The Flow-OPD distillation stage.", factory=StageConfig)
+    mar_ablation: bool = _help("Also distil without MAR (opd.mar_lambda=0) for comparison.", False)
+    demo_overrides: list[str] = _help(
+        "Overrides added to every training stage with --budget demo (e.g. train.epochs=4).",
+        factory=list,
+    )
+    demo_eval_n: int = _help("Prompts per benchmark at evaluation with --budget demo.", 30)
+    eval: PipelineEval = _help("Evaluation of every model.", factory=PipelineEval)
+
+    def validate(self) -> None:
+        if not self.teachers:
+            raise UserError(
+                "pipeline needs at least one teacher: teachers: [{task: ..., config: ...}]"
+            )
+        tasks = [t.task for t in self.teachers]
+        if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
+            raise UserError(f"each teacher needs a distinct task label, got {tasks}")
+        for i, t in enumerate(self.teachers):
+            if not t.config:
+                raise UserError(
+                    f"teachers.{i}.config is empty: give the GRPO config of the '{t.task}' teacher"
+                )
+        if not self.opd.config:
+            raise UserError("opd.config is empty: give the OPD config of the distillation stage")
+        if self.cold_start.method == "sft" and not self.cold_start.sft.config:
+            raise UserError("cold_start.method=sft needs cold_start.sft.config")
