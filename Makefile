@@ -30,11 +30,14 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
+# The Flow-OPD pipeline on the embedded model at a demo budget (report: runs/demo/report/index.html)
 demo: $(STAMP)
-	$(BIN)/flowopd demo --out runs/demo
+	$(BIN)/flowopd pipeline configs/toy/flow_opd.yaml --budget demo --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/epoch_time.py
+	$(BIN)/python bench/opd_vs_grpo.py
+	$(BIN)/python bench/full_size.py --size tiny
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -189,9 +189,9 @@ def test_activation_model_against_saved_tensors():
         return t
 
     x = {k: v.bfloat16() for k, v in _inputs(arch, rows, n_txt).items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(**x)
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**x)
     measured = sum(saved.values())
     predicted = perf.activation_bytes(arch, n_img, n_txt, rows, dtype_bytes=2)
     print(f"activations: predicted {predicted} B, saved {measured} B")

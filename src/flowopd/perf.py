@@ -8,17 +8,20 @@ FLOP convention (the one of the scaling-law and MFU literature):
 
 - a matmul ``(m, k) @ (k, n)`` costs ``2 m k n`` FLOPs (one multiply + one add per MAC);
   bias adds, norms, activations, softmax, residual adds and the SDE math are not counted
-  (they are O(tokens * d), under 1 % here, and torch's ``FlopCounterMode`` skips them too);
+  (O(tokens x d) against the matmuls' O(tokens x d^2); torch's ``FlopCounterMode``
+  skips them too);
 - attention over q_len queries and kv_len keys of width ``w = heads * head_dim`` costs
-  ``4 q_len kv_len w`` (``Q K^T`` and ``P V``); memory-efficient kernels that recompute
-  ``Q K^T`` in the backward are still counted as the model FLOPs below (MFU, not HFU);
+  ``4 q_len kv_len w`` (``Q K^T`` and ``P V``);
 - backward of a linear layer: ``dX = dY W^T`` (same FLOPs as the forward) only where X
   depends on a trainable parameter; ``dW = X^T dY`` only for trainable weights, i.e. the
   LoRA factors (the base is frozen). Backward of attention = 2x its forward
   (dV, dP, dQ, dK). So for a frozen base with LoRA, training ~ 2x forward for the linear
   layers (not the 3x of full fine-tuning) and 3x forward for attention;
-- gradient checkpointing re-runs each block's forward in the backward: counted apart
-  (``TrainFlops.recompute``) and left out of MFU (model FLOPs, not hardware FLOPs).
+- recomputation is counted apart and left out of MFU (model FLOPs, not hardware FLOPs):
+  gradient checkpointing re-runs each block's forward in the backward
+  (``TrainFlops.recompute``); flash / memory-efficient attention recomputes ``Q K^T`` in
+  its backward (+0.5x the attention forward, ``TrainFlops.attention_recompute``, which
+  torch's counter includes). Times are predicted from the hardware FLOPs.
 
 A "row" is one sequence through the transformer: with classifier-free guidance every
 image costs 2 rows per denoising step (negative + positive prompt in one batch).
@@ -156,7 +159,9 @@ def _safetensors_params(folder: Path) -> int:
     return n
 
 
-def load_architecture(path: str, max_sequence_length: int | None = None) -> tuple[MMDiTArch, PipelineShape]:
+def load_architecture(
+    path: str, max_sequence_length: int | None = None
+) -> tuple[MMDiTArch, PipelineShape]:
     """Architecture of a model without loading it: a local diffusers pipeline directory
     (reads ``transformer/config.json``, tokenizer/VAE configs, safetensors headers) or a
     known hub id (``KNOWN_ARCHS``, nothing downloaded)."""
@@ -166,7 +171,9 @@ def load_architecture(path: str, max_sequence_length: int | None = None) -> tupl
     if local.is_dir():
         tcfg = local / "transformer" / "config.json"
         if not tcfg.is_file():
-            raise UserError(f"'{path}' has no transformer/config.json; pass a diffusers SD3 pipeline directory")
+            raise UserError(
+                f"'{path}' has no transformer/config.json; pass a diffusers SD3 pipeline directory"
+            )
         arch = MMDiTArch.from_config(json.loads(tcfg.read_text()))
         clip = 77
         tok = local / "tokenizer" / "tokenizer_config.json"
@@ -175,7 +182,11 @@ def load_architecture(path: str, max_sequence_length: int | None = None) -> tupl
         meta = local / "flowopd.json"
         msl = max_sequence_length
         if msl is None:
-            msl = int(json.loads(meta.read_text()).get("max_sequence_length", 256)) if meta.is_file() else 256
+            msl = (
+                int(json.loads(meta.read_text()).get("max_sequence_length", 256))
+                if meta.is_file()
+                else 256
+            )
         vae_cfg_path = local / "vae" / "config.json"
         vae_cfg = json.loads(vae_cfg_path.read_text()) if vae_cfg_path.is_file() else None
         scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 1
@@ -293,7 +304,9 @@ def is_lora_target(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def mark_gradients(ops: list[Linear | Attention], targets: Sequence[str]) -> list[Linear | Attention]:
+def mark_gradients(
+    ops: list[Linear | Attention], targets: Sequence[str]
+) -> list[Linear | Attention]:
     """Which backward matmuls a frozen base with LoRA on ``targets`` needs.
 
     Dataflow of "depends on a trainable parameter" through the two residual streams:
@@ -626,7 +639,9 @@ def measure_flops(fn: Callable[[], Any]) -> int:
     ):
         if hasattr(aten, op):
             if formula is fc.sdpa_flop_count:
-                mapping[getattr(aten, op)] = _shapes(lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v))
+                mapping[getattr(aten, op)] = _shapes(
+                    lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v)
+                )
             else:
                 mapping[getattr(aten, op)] = _shapes(
                     lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v)
@@ -815,24 +830,36 @@ def estimate_run(
 
     f_fwd_lora = forward_flops(arch, n_img, n_txt, lora_rank=rank, lora_targets=targets)
     f_fwd_base = forward_flops(arch, n_img, n_txt)
-    tf = train_step_flops(arch, n_img, n_txt, lora_rank=rank, lora_targets=targets, checkpointing=ckpt)
+    tf = train_step_flops(
+        arch, n_img, n_txt, lora_rank=rank, lora_targets=targets, checkpointing=ckpt
+    )
     f_vae = vae_decode_flops(shape.vae_config, res)
     f_text = 2 * shape.text_encoder_params * n_txt  # encoders see their own tokens; upper bound
 
     sample_flops = images * steps * cfg_rows * f_fwd_lora + images * f_vae + (prompts + 1) * f_text
-    train_flops = inner * images * trained * cfg_rows * (tf.hardware + (f_fwd_base if beta > 0 else 0))
+    train_flops = (
+        inner * images * trained * cfg_rows * (tf.hardware + (f_fwd_base if beta > 0 else 0))
+    )
     rewards = _reward_names(cfg)
-    score_s = sum(images / reward_rate(r, device) for r in rewards) / max(1, len(rewards))
-    if rewards and any(r in ("geneval", "ocr") for r in rewards):
-        notes.append("scoring rates are rough orders of magnitude (perf.REWARD_RATES), not measured")
+    per_image = [1.0 / reward_rate(r, device) for r in rewards]
+    # a weighted sum scores every image with every reward; one reward, task routing or
+    # GRPO-Mix datasets score each image with one of them (their mean here)
+    if _get(cfg, "reward.mode", "single") == "weighted":
+        score_s = images * sum(per_image)
+    else:
+        score_s = images * sum(per_image) / max(1, len(per_image))
+    if rewards:
+        notes.append(
+            "scoring rates are rough orders of magnitude (perf.REWARD_RATES), not measured"
+        )
 
     # -- memory per process ----------------------------------------------------------------
     lora_n = lora_params(arch, rank, targets)
     opt_state = 2 if bool(_get(cfg, "train.adamw_8bit", False)) else 8
     ema = 4 if bool(_get(cfg, "train.ema", True)) else 0
-    h, w = res // shape.vae_scale, res // shape.vae_scale
-    latent = arch.in_channels * h * w * 4
-    per_image = (
+    side = res // shape.vae_scale
+    latent = arch.in_channels * side * side * 4
+    rollout_bytes = (
         (steps + 1) * latent  # trajectory states
         + steps * latent  # step means
         + 3 * res * res * 4  # decoded images, float32
@@ -844,7 +871,7 @@ def estimate_run(
         "text_encoders": 0 if offload else shape.text_encoder_params * 4,
         "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
         "activations": activation_bytes(arch, n_img, n_txt, train_bs * cfg_rows, dtype_bytes=db, checkpointing=ckpt),
-        "rollouts": images * per_image,
+        "rollouts": images * rollout_bytes,
         "runtime": RUNTIME_OVERHEAD_BYTES if device != "cpu" else 0,
     }  # fmt: skip
     steady = sum(mem.values())
@@ -859,7 +886,9 @@ def estimate_run(
             "model.offload_text_encoders, or use more GPUs"
         )
     if not ckpt and mem["activations"] > 0.5 * steady:
-        notes.append("activations dominate: model.gradient_checkpointing trades ~1 extra forward for most of them")
+        notes.append(
+            "activations dominate: model.gradient_checkpointing trades ~1 extra forward for most of them"
+        )
 
     return RunEstimate(
         model=path,
@@ -885,7 +914,11 @@ def estimate_run(
             "training_per_epoch": train_flops,
         },
         memory=mem,
-        time_s={"sampling": sample_flops / rate, "scoring": score_s, "training": train_flops / rate},
+        time_s={
+            "sampling": sample_flops / rate,
+            "scoring": score_s,
+            "training": train_flops / rate,
+        },
         notes=notes,
     )
 
@@ -899,25 +932,31 @@ def _reward_names(cfg: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def si(x: float) -> str:
+    """3 significant digits with an SI prefix: 2442642604032 -> '2.44 T'."""
+    for div, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {prefix}"
+    return f"{x:.3g} "
+
+
 def format_estimate(est: RunEstimate) -> str:
     """The human report of ``flowopd estimate``."""
 
     def gib(b: int) -> str:
         return f"{b / GiB:7.2f} GiB"
 
+    f = est.flops
+    recompute = f["train_per_row_recompute"]
     lines = [
-        f"model        {est.model}  ({est.params / 1e9:.2f}B params, LoRA {est.lora_params / 1e6:.1f}M)",
+        f"model        {est.model}  ({si(est.params)}params, LoRA {si(est.lora_params)}params)",
         f"device       {est.gpus} x {est.device_name}, {est.dtype}, peak "
         f"{est.peak_tflops:.3g} TFLOP/s x assumed MFU {est.mfu:.2f}",
         f"sequence     {est.resolution} px: {est.image_tokens} image + {est.text_tokens} text "
         f"tokens, {est.rows_per_image} row(s) per image (CFG)",
-        f"FLOPs/row    forward {est.flops['forward_per_row'] / 1e12:.3f} T, "
-        f"train step {est.flops['train_per_row_model'] / 1e12:.3f} T"
-        + (
-            f" (+{est.flops['train_per_row_recompute'] / 1e12:.3f} T recompute)"
-            if est.flops["train_per_row_recompute"]
-            else ""
-        ),
+        f"FLOP/row     forward {si(f['forward_per_row'])}FLOP, train step "
+        f"{si(f['train_per_row_model'])}FLOP"
+        + (f" (+{si(recompute)}FLOP checkpoint recompute)" if recompute else ""),
         "memory per process:",
     ]
     for k, v in est.memory.items():

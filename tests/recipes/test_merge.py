@@ -91,6 +91,7 @@ def test_merge_cli_writes_a_lora_that_loads_everywhere(tmp_path, tiny_pixel_dir,
 
     checked = 0
     for layer in lora_layers(model.transformer):
+
         def delta(name, layer=layer):
             return layer.scaling[name] * layer.lora_B[name].weight @ layer.lora_A[name].weight
 

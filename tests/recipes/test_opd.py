@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowopd.config import load_config
+from flowopd.config import dump_config, load_config
 from flowopd.errors import UserError
 from flowopd.models.base import BASE
 from flowopd.recipes.opd_config import OPDConfig
@@ -98,6 +98,11 @@ def test_routed_teachers_in_one_forward_equal_per_teacher_forwards(tiny_pixel_di
     # the student is still the one trainable adapter; the teachers stay frozen
     assert all(p.requires_grad for p in model.adapter_parameters("student"))
     assert not any(p.requires_grad for p in model.adapter_parameters("teacher_ocr"))
+
+    # an anchor that is one of the teachers is that adapter, not a second copy
+    other = SD3Model.from_pretrained(str(tiny_pixel_dir))
+    ts = load_teachers(other, cfgs, anchor=str(teachers["ocr"]))
+    assert ts.anchor == "teacher_ocr" and sorted(other.adapter_names) == sorted(ts.routes.values())
 
 
 def test_mixed_epoch_prompts_follow_the_ratio_and_are_seeded():
@@ -223,6 +228,8 @@ def test_config_errors(tmp_path, tiny_pixel_dir, teachers, prompts):
     ok = load_config(OPDConfig, cfg)  # no reward: fine, rewards only feed the logs
     assert ok.reward.mode == "none" and not ok.has_reward
     assert ok.opd.teacher_of() == {"geneval": "teacher_geneval", "ocr": "teacher_ocr"}
+    (tmp_path / "resolved.yaml").write_text(dump_config(ok))  # what a run's config.yaml holds
+    assert load_config(OPDConfig, tmp_path / "resolved.yaml") == ok
 
 
 def test_sd35m_opd_preset_loads():
@@ -231,3 +238,29 @@ def test_sd35m_opd_preset_loads():
     assert {t for tc in cfg.opd.teachers for t in tc.tasks} == {"geneval", "ocr", "pickscore"}
     assert cfg.trained_steps == 9
     cfg.check_distributed(8)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir, teachers, prompts):
+    import subprocess
+    import sys
+
+    from tests.recipes.conftest import cli_env
+
+    cfg = _yaml(tmp_path, tiny_pixel_dir, teachers, prompts)
+    common = ["train.epochs=1", "train.ema=false", "sample.batch_size=8", "reward=toy_quality",
+              "train.optimizer_steps_per_epoch=1"]  # fmt: skip
+    one = _train(cfg, *common, "train.batch_size=16", f"output.dir={tmp_path / 'one'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29541", "-m", "flowopd", "train", "opd", "--config", str(cfg),
+           *common, "train.batch_size=8", f"output.dir={tmp_path / 'two'}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r1 = one.history[0]
+    r2 = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
+    for key in ("kl", "kl/geneval", "kl/ocr", "reward_mean", "images"):
+        assert r1[key] == pytest.approx(r2[key], rel=1e-5), key  # gathered over processes
+    w1, w2 = _lora(tmp_path / "one"), _lora(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)  # summation order
+    assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_B" in k)

@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     est = estimate_run(cfg, args.gpu, args.gpus, mfu=args.mfu)
     if args.algo != "grpo":
         est.notes.append(
-            f"'{args.algo}' is costed as GRPO: policy forward + backward and one reference "
-            "forward per trained step; extra teacher forwards are not counted"
+            f"'{args.algo}' is costed as GRPO (policy forward + backward and one reference "
+            "forward per trained step); its own extra forwards (teachers, anchors) are not"
         )
     print(format_estimate(est))
     if args.json:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 
 def register(sub) -> None:
@@ -33,17 +30,11 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flowopd.cli.common import quiet_libraries
-    from flowopd.recipes.merge import merge_loras, write_lora
+    from flowopd.recipes.merge import merge_loras
 
     quiet_libraries()
-
-    merged, report = merge_loras(
-        args.teachers, method=args.method, weights=args.weights, rank=args.rank
+    _, report = merge_loras(
+        args.teachers, method=args.method, weights=args.weights, rank=args.rank, out=args.out
     )
-    out = Path(args.out)
-    write_lora(out, merged)
-    tmp = out / ".merge.json.tmp"
-    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n")
-    os.replace(tmp, out / "merge.json")
-    print(f"{report.summary()}; wrote {out}")
+    print(f"{report.summary()}; wrote {args.out} (with merge.json)")
     return 0

@@ -48,9 +48,7 @@ def make_optimizer(
         if reason is None:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(
-                params, lr=lr, betas=tuple(betas), weight_decay=weight_decay
-            )
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         warnings.warn(
             f"train.adamw_8bit: {reason}; using torch.optim.AdamW (float32 states)",
             stacklevel=2,

@@ -95,6 +95,8 @@ class SD3Model:
             # diffusers re-runs each block in the backward (non-reentrant torch checkpoint,
             # so LoRA weights inside a block still get gradients) instead of storing its
             # ~20 d activations per token: ~1 extra forward for most of the activations.
+            # The re-run sees the adapter state of backward time: callers must not switch
+            # the active adapter between a forward with grad and its backward.
             self.transformer.enable_gradient_checkpointing()
         self.compiled = compile
         if compile:
@@ -226,19 +228,16 @@ class SD3Model:
         if len(prompts) == 0:
             raise UserError("no prompts given")
         with self._text_encoders_on_device():
-            embeds, _, pooled, _ = self._encode(prompts)
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length,
+            )
         return Cond(embeds.float(), pooled.float())
-
-    def _encode(self, prompts: Sequence[str]):
-        return self.pipe.encode_prompt(
-            prompt=list(prompts),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
 
     def negative_cond(self, n: int) -> Cond:
         if self._neg is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +21,6 @@ import torch
 from flowopd.algorithms import group_advantages, grpo_loss, reference_kl
 from flowopd.algorithms.advantages import advantage_stats
 from flowopd.engine import distributed as dist
-from flowopd.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flowopd.engine.ema import EMA, flowgrpo_decay
-from flowopd.engine.guard import NonFiniteGuard
 from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import (
     collect_rollouts,
@@ -37,9 +33,10 @@ from flowopd.recipes.common import (
 from flowopd.recipes.grpo_config import GRPOConfig
 from flowopd.recipes.runtime import (
     Run,
+    TrainState,
     build_reward,
+    eval_due,
     evaluate_and_save,
-    reduce_gradients,
     setup_run,
 )
 
@@ -61,22 +58,10 @@ def train_grpo(cfg: GRPOConfig) -> Run:
         datasets, rewards, labels = [load_prompts(cfg.data.train)], [build_reward(cfg.reward)], [""]
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
-    params = model.adapter_parameters(POLICY)
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    ema = EMA(params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None
-    guard = NonFiniteGuard(t.max_nonfinite)
+    ts = TrainState(run, POLICY, t)
+    params = ts.params
     logger = RunLogger(out, enabled=run.main)
-    start_epoch, opt_steps = 0, 0
-    ckpt = latest_checkpoint(out) if cfg.output.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model.load_adapter_state_dict(POLICY, state["lora"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        guard.load_state_dict(state["guard"])
-        start_epoch, opt_steps = state["epoch"] + 1, state["opt_steps"]
-        run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
+    start_epoch = ts.resume(cfg.output.resume)
 
     n_prompts = cfg.prompts_per_process(world)
     acc_steps = cfg.gradient_accumulation_steps(world)
@@ -143,19 +128,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
                     for k, v in st.items():
                         stats[k].append(v)
                 if (b_idx + 1) % acc_steps == 0 or b_idx + 1 == len(batches):
-                    reduce_gradients(params, world)
-                    grad_norm = (
-                        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                        if t.max_grad_norm > 0
-                        else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-                    )
-                    if guard.check(loss.detach(), params):
-                        opt.step()
-                        opt_steps += 1
-                        if ema is not None:
-                            ema.step()
-                    stats["grad_norm"].append(float(grad_norm))
-                    opt.zero_grad(set_to_none=True)
+                    stats["grad_norm"].append(ts.step(loss))
         t_train = time.time() - t2
 
         # 5. log, evaluate, checkpoint
@@ -163,40 +136,17 @@ def train_grpo(cfg: GRPOConfig) -> Run:
         record.update(advantage_stats(all_r, all_g, adv_all, clip=t.adv_clip))
         record.update(
             reward_mean=float(all_r.mean()), reward_std=float(all_r.std()),
-            opt_steps=opt_steps, images=len(all_r) * (epoch + 1), dataset=labels[d],
+            opt_steps=ts.opt_steps, images=len(all_r) * (epoch + 1), dataset=labels[d],
         )  # fmt: skip
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
         last = epoch + 1 == t.epochs
-        if (
-            cfg.eval.every
-            and ((epoch + 1) % cfg.eval.every == 0 or last)
-            or (last and cfg.eval.benchmarks)
-        ):
-            record.update(evaluate_and_save(run, cfg, ema, params, epoch))
+        if eval_due(cfg, epoch):
+            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
         logger.log(epoch, record)
         run.history.append({"epoch": epoch, **record})
-        if run.main and (
-            (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0) or last
-        ):
-            state = {
-                "epoch": epoch,
-                "opt_steps": opt_steps,
-                "lora": model.adapter_state_dict(POLICY),
-                "optimizer": opt.state_dict(),
-                "guard": guard.state_dict(),
-            }
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_checkpoint(out, epoch + 1, state, keep_last=cfg.output.keep_last or None)
-        dist.barrier()
+        ts.checkpoint(epoch, cfg.output, last=last)
 
     # final adapter in the diffusers format (EMA weights when EMA is on)
-    if run.main:
-        if ema is not None:
-            with ema.swapped(params):
-                model.save_adapter(POLICY, Path(out) / "lora")
-        else:
-            model.save_adapter(POLICY, Path(out) / "lora")
+    ts.save_final()
     logger.close()
-    dist.barrier()
     return run

@@ -120,9 +120,10 @@ class ModelConfig:
     lora: LoRAConfig = _help("LoRA adapter.", factory=LoRAConfig)
     gradient_checkpointing: bool = _help(
         "Recompute each transformer block in the backward instead of keeping its "
-        "activations (~20 d values per token per block): activations shrink ~20x for ~1 "
+        "activations (~20 d values per token per block): activations shrink ~10x for ~1 "
         "extra forward per training step. Not combinable with per-sample adapter routing "
-        "under gradients.",
+        "under gradients; the active adapter must not change between a forward with "
+        "gradients and its backward (the re-run uses the state at backward time).",
         False,
     )
     compile: bool = _help(

@@ -205,8 +205,9 @@ def read_lora(path: str | Path) -> LoraFile:
     return LoraFile({m: (ab["A"], ab["B"]) for m, ab in modules.items()}, config)
 
 
-def write_lora(path: str | Path, lora: LoraFile) -> None:
-    """Write ``lora`` as a diffusers-format directory, atomically (as ``save_adapter``)."""
+def write_lora(path: str | Path, lora: LoraFile, report: MergeReport | None = None) -> None:
+    """Write ``lora`` as a diffusers-format directory, atomically (as ``save_adapter``),
+    with ``merge.json`` (the report) beside the weights when a report is given."""
     from diffusers import StableDiffusion3Pipeline
 
     path = Path(path)
@@ -223,6 +224,8 @@ def write_lora(path: str | Path, lora: LoraFile) -> None:
             transformer_lora_adapter_metadata=lora.config,
             safe_serialization=True,
         )
+        if report is not None:
+            (tmp / "merge.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -272,11 +275,14 @@ def merge_loras(
     method: Literal["ab_mean", "delta"] = "ab_mean",
     weights: Sequence[float] | None = None,
     rank: int | None = None,
+    out: str | Path | None = None,
 ) -> tuple[LoraFile, MergeReport]:
     """Merge the LoRA directories ``paths`` layer by layer (see the module docstring).
 
     rank: the output rank of ``delta`` (default: the largest teacher rank); ``ab_mean``
-    keeps the teachers' rank and accepts no other. Returns the merged LoRA and a report.
+    keeps the teachers' rank and accepts no other. out: when given, the merged LoRA is
+    written there (diffusers format, with ``merge.json``). Returns the merged LoRA and
+    the report.
     """
     if method not in MERGE_METHODS:
         raise unknown("merge method", method, MERGE_METHODS)
@@ -327,4 +333,7 @@ def merge_loras(
         method=method, teachers=[str(p) for p in paths], weights=w, rank=int(config["r"]),
         alpha=float(config["lora_alpha"]), errors=errors,
     )  # fmt: skip
-    return LoraFile(merged, config), report
+    lora = LoraFile(merged, config)
+    if out is not None:
+        write_lora(out, lora, report)
+    return lora, report

@@ -30,9 +30,6 @@ import torch
 
 from flowopd.algorithms import mar_loss, opd_loss, step_kl
 from flowopd.engine import distributed as dist
-from flowopd.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flowopd.engine.ema import EMA, flowgrpo_decay
-from flowopd.engine.guard import NonFiniteGuard
 from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import (
     collect_rollouts,
@@ -45,9 +42,10 @@ from flowopd.recipes.common import (
 from flowopd.recipes.opd_config import OPDConfig
 from flowopd.recipes.runtime import (
     Run,
+    TrainState,
     build_reward,
+    eval_due,
     evaluate_and_save,
-    reduce_gradients,
     setup_run,
 )
 from flowopd.recipes.teachers import (
@@ -79,7 +77,7 @@ def train_opd(cfg: OPDConfig) -> Run:
     run = setup_run(cfg, adapter=None if o.init else STUDENT)
     model, out, world, rank = run.model, run.out, run.world, run.rank
     if o.init:
-        model.load_adapter(o.init, STUDENT)
+        model.load_adapter(str(Path(o.init).expanduser()), STUDENT)
         model.set_adapter(STUDENT, trainable=True)
     teachers = load_teachers(
         model, o.teachers, anchor=o.anchor if o.mar_lambda > 0 else None, key=o.routing_key
@@ -95,22 +93,10 @@ def train_opd(cfg: OPDConfig) -> Run:
             rewards = [build_reward(cfg.reward)]
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
-    params = model.adapter_parameters(STUDENT)
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    ema = EMA(params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None
-    guard = NonFiniteGuard(t.max_nonfinite)
+    ts = TrainState(run, STUDENT, t)
+    params = ts.params
     logger = RunLogger(out, enabled=run.main)
-    start_epoch, opt_steps = 0, 0
-    ckpt = latest_checkpoint(out) if cfg.output.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model.load_adapter_state_dict(STUDENT, state["lora"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        guard.load_state_dict(state["guard"])
-        start_epoch, opt_steps = state["epoch"] + 1, state["opt_steps"]
-        run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
+    start_epoch = ts.resume(cfg.output.resume)
 
     n_prompts = cfg.prompts_per_process(world)
     acc_steps = cfg.gradient_accumulation_steps(world)
@@ -196,19 +182,7 @@ def train_opd(cfg: OPDConfig) -> Run:
                     for k, v in st.items():
                         stats[k].append(v)
                 if (b_idx + 1) % acc_steps == 0 or b_idx + 1 == len(batches):
-                    reduce_gradients(params, world)
-                    grad_norm = (
-                        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                        if t.max_grad_norm > 0
-                        else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-                    )
-                    if guard.check(loss.detach(), params):
-                        opt.step()
-                        opt_steps += 1
-                        if ema is not None:
-                            ema.step()
-                    stats["grad_norm"].append(float(grad_norm))
-                    opt.zero_grad(set_to_none=True)
+                    stats["grad_norm"].append(ts.step(loss))
         t_train = time.time() - t2
 
         # 5. log, evaluate, checkpoint
@@ -226,39 +200,16 @@ def train_opd(cfg: OPDConfig) -> Run:
             for i, task in enumerate(tasks):
                 if (all_task == i).any():
                     record[f"reward/{task}"] = float(all_r[all_task == i].mean())
-        record.update(opt_steps=opt_steps, images=len(all_kl) * (epoch + 1))
+        record.update(opt_steps=ts.opt_steps, images=len(all_kl) * (epoch + 1))
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
         last = epoch + 1 == t.epochs
-        if (
-            cfg.eval.every
-            and ((epoch + 1) % cfg.eval.every == 0 or last)
-            or (last and cfg.eval.benchmarks)
-        ):
-            record.update(evaluate_and_save(run, cfg, ema, params, epoch))
+        if eval_due(cfg, epoch):
+            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
         logger.log(epoch, record)
         run.history.append({"epoch": epoch, **record})
-        if run.main and (
-            (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0) or last
-        ):
-            state = {
-                "epoch": epoch,
-                "opt_steps": opt_steps,
-                "lora": model.adapter_state_dict(STUDENT),
-                "optimizer": opt.state_dict(),
-                "guard": guard.state_dict(),
-            }
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_checkpoint(out, epoch + 1, state, keep_last=cfg.output.keep_last or None)
-        dist.barrier()
+        ts.checkpoint(epoch, cfg.output, last=last)
 
     # final student adapter in the diffusers format (EMA weights when EMA is on)
-    if run.main:
-        if ema is not None:
-            with ema.swapped(params):
-                model.save_adapter(STUDENT, Path(out) / "lora")
-        else:
-            model.save_adapter(STUDENT, Path(out) / "lora")
+    ts.save_final()
     logger.close()
-    dist.barrier()
     return run

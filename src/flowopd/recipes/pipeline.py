@@ -110,7 +110,9 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         from flowopd.recipes.sft_config import SFTConfig
 
         run_dir = out / "cold_start"
-        over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [_teachers_override(teachers)]
+        over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [
+            _teachers_override(teachers, "sft")
+        ]
         stage("cold-start", run_dir, lambda: train_sft(load_config(SFTConfig, cs.sft.config, over)))
         init = str(run_dir / "lora")
     if init:

@@ -18,7 +18,6 @@ from flowopd.models.base import FlowModel
 from flowopd.paths import resolve_model_path
 from flowopd.rewards.base import RewardFn, get_reward
 
-
 # ModelConfig switches passed to the backend's from_pretrained when set (see grpo_config)
 SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders")
 
@@ -138,3 +137,108 @@ def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float
         for k, v in vals.items():
             flat[f"eval/{bench}" if k == "overall" else f"eval/{bench}/{k}"] = v
     return flat
+
+
+class TrainState:
+    """What a recipe optimises and checkpoints: one trainable adapter's optimiser, EMA,
+    non-finite guard and step counter, plus frozen adapters saved alongside (snapshots).
+
+    One object so every recipe shares the exact same step / checkpoint / resume logic.
+    """
+
+    def __init__(self, run: Run, adapter: str, train_cfg, snapshots: tuple[str, ...] = ()) -> None:
+        from flowopd.engine.ema import EMA, flowgrpo_decay
+        from flowopd.engine.guard import NonFiniteGuard
+        from flowopd.engine.optim import make_optimizer
+
+        t = train_cfg
+        self.run, self.adapter, self.snapshots, self.cfg = run, adapter, snapshots, t
+        self.params = run.model.adapter_parameters(adapter)
+        self.opt = make_optimizer(
+            self.params,
+            t.lr,
+            tuple(t.betas),
+            t.weight_decay,
+            eight_bit=getattr(t, "adamw_8bit", False),
+        )
+        self.ema = (
+            EMA(self.params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None
+        )
+        self.guard = NonFiniteGuard(t.max_nonfinite)
+        self.opt_steps = 0
+
+    def resume(self, enabled: bool) -> int:
+        """Restore the latest checkpoint of the run (when ``enabled``); returns the start epoch."""
+        from flowopd.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+        ckpt = latest_checkpoint(self.run.out) if enabled else None
+        if ckpt is None:
+            return 0
+        state = load_checkpoint(ckpt)
+        model = self.run.model
+        model.load_adapter_state_dict(self.adapter, state["lora"])
+        for name in self.snapshots:
+            model.load_adapter_state_dict(name, state[name])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.guard.load_state_dict(state["guard"])
+        self.opt_steps = state["opt_steps"]
+        self.run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
+        return state["epoch"] + 1
+
+    def step(self, last_loss: torch.Tensor) -> float:
+        """Average gradients over processes, clip, step unless non-finite, EMA, zero grads.
+
+        Returns the gradient norm before clipping."""
+        t = self.cfg
+        reduce_gradients(self.params, self.run.world)
+        if t.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        else:
+            grad_norm = torch.sqrt(
+                sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None)
+            )
+        if self.guard.check(last_loss.detach(), self.params):
+            self.opt.step()
+            self.opt_steps += 1
+            if self.ema is not None:
+                self.ema.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def checkpoint(self, epoch: int, output_cfg, *, last: bool) -> None:
+        """Atomic checkpoint every ``output.checkpoint_every`` epochs and at the end."""
+        from flowopd.engine.checkpoint import save_checkpoint
+
+        every = output_cfg.checkpoint_every
+        if self.run.main and ((every and (epoch + 1) % every == 0) or last):
+            model = self.run.model
+            state = {
+                "epoch": epoch,
+                "opt_steps": self.opt_steps,
+                "lora": model.adapter_state_dict(self.adapter),
+                "optimizer": self.opt.state_dict(),
+                "guard": self.guard.state_dict(),
+            }
+            state.update({name: model.adapter_state_dict(name) for name in self.snapshots})
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            save_checkpoint(self.run.out, epoch + 1, state, keep_last=output_cfg.keep_last or None)
+        dist.barrier()
+
+    def save_final(self) -> None:
+        """The trained adapter to ``OUT/lora`` (diffusers format; EMA weights when EMA is on)."""
+        from contextlib import nullcontext
+
+        if self.run.main:
+            with self.ema.swapped(self.params) if self.ema is not None else nullcontext():
+                self.run.model.save_adapter(self.adapter, self.run.out / "lora")
+        dist.barrier()
+
+
+def eval_due(cfg, epoch: int) -> bool:
+    """Evaluate every ``eval.every`` epochs, and after the last epoch when benchmarks are set."""
+    last = epoch + 1 == cfg.train.epochs
+    every = cfg.eval.every
+    return bool(cfg.eval.benchmarks) and ((every and (epoch + 1) % every == 0) or last)

@@ -1,15 +1,17 @@
 """SFT cold start for Flow-OPD (METHODS.md §3.2): imitate the routed teachers' samples.
 
-  1. draw the training prompts once (mixed over the task datasets), take this process's
-     share; load the teachers as adapters on the one base model;
-  2. each prompt's task teacher samples ``images_per_prompt`` images (ODE, CFG, one
-     forward per micro-batch with per-sample adapters); the clean latents are cached in
-     ``OUT/sft_data/`` so a resumed run does not sample again; the teachers are unloaded;
-  3. per epoch, for each minibatch of (latent x0, prompt):
-         t ~ logit-normal (shifted),  eps ~ N(0, I),  x_t = (1 - t) x0 + t eps
-         L = mean || v_student(x_t, t | c) - (eps - x0) ||^2        (no CFG)
-     backward; average gradients over processes, clip, step, EMA;
-  4. log, evaluate, checkpoint; the final student is ``OUT/lora`` (``opd.init``).
+1. draw the training prompts once (mixed over the task datasets), take this process's
+   share; load the teachers as adapters on the one base model;
+2. each prompt's task teacher samples ``images_per_prompt`` images (ODE, CFG, one
+   forward per micro-batch with per-sample adapters); the clean latents are cached in
+   ``OUT/sft_data/`` so a resumed run does not sample again; the teachers are unloaded;
+3. per epoch, for each minibatch of (latent x0, prompt):
+       t ~ logit-normal (shifted),  eps ~ N(0, I),  x_t = (1 - t) x0 + t eps
+       L = mean || v_student(x_t, t | c) - (eps - x0) ||^2        (no CFG)
+   backward; average gradients over processes, clip, step, EMA;
+4. log (``loss``: the epoch's mean; ``probe_loss``: the loss on a fixed set of images, t
+   and eps, a low-noise measure of the fit), evaluate, checkpoint; the final student is
+   ``OUT/lora`` (what ``opd.init`` takes).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_sigmas
 from flowopd.engine import distributed as dist
-from flowopd.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flowopd.engine.ema import EMA, flowgrpo_decay
-from flowopd.engine.guard import NonFiniteGuard
 from flowopd.engine.logging import RunLogger
 from flowopd.models.base import Cond, FlowModel
 from flowopd.recipes.common import load_prompts, seed_for
-from flowopd.recipes.runtime import Run, evaluate_and_save, reduce_gradients, setup_run
+from flowopd.recipes.runtime import (
+    Run,
+    TrainState,
+    eval_due,
+    evaluate_and_save,
+    setup_run,
+)
 from flowopd.recipes.sft_config import SFTConfig
 from flowopd.recipes.teachers import check_tasks, load_teachers, mixed_epoch_prompts
 from flowopd.sampling import sample
@@ -118,22 +123,10 @@ def train_sft(cfg: SFTConfig) -> Run:
     run.log(f"teacher samples: {len(x0)} per process ({time.time() - t0:.1f}s)")
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
-    params = model.adapter_parameters(STUDENT)
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    ema = EMA(params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None
-    guard = NonFiniteGuard(t.max_nonfinite)
+    ts = TrainState(run, STUDENT, t)
+    params = ts.params
     logger = RunLogger(out, enabled=run.main)
-    start_epoch, opt_steps = 0, 0
-    ckpt = latest_checkpoint(out) if cfg.output.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model.load_adapter_state_dict(STUDENT, state["lora"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        guard.load_state_dict(state["guard"])
-        start_epoch, opt_steps = state["epoch"] + 1, state["opt_steps"]
-        run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
+    start_epoch = ts.resume(cfg.output.resume)
 
     # a fixed probe (the same images, t and eps every epoch): a fit measure whose trend
     # the sampling noise of t and eps in the training loss does not hide
@@ -163,19 +156,7 @@ def train_sft(cfg: SFTConfig) -> Run:
             for k, val in st.items():
                 stats[k].append(val)
             if (b_idx + 1) % acc_steps == 0 or b_idx + 1 == len(batches):
-                reduce_gradients(params, world)
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                    if t.max_grad_norm > 0
-                    else torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params))
-                )
-                if guard.check(loss.detach(), params):
-                    opt.step()
-                    opt_steps += 1
-                    if ema is not None:
-                        ema.step()
-                stats["grad_norm"].append(float(grad_norm))
-                opt.zero_grad(set_to_none=True)
+                stats["grad_norm"].append(ts.step(loss))
 
         # log (losses averaged over processes), evaluate, checkpoint
         with torch.no_grad():
@@ -184,40 +165,17 @@ def train_sft(cfg: SFTConfig) -> Run:
         record = {k: float(np.mean(v)) for k, v in stats.items()}
         record["loss"] = float(dist.gather_cat(torch.tensor(record["loss"])).mean())
         record["probe_loss"] = float(dist.gather_cat(probe.detach().cpu()).mean())
-        record.update(opt_steps=opt_steps, images=len(x0) * world * (epoch + 1))
+        record.update(opt_steps=ts.opt_steps, images=len(x0) * world * (epoch + 1))
         record["time/train"] = time.time() - t1
         last = epoch + 1 == t.epochs
-        if (
-            cfg.eval.every
-            and ((epoch + 1) % cfg.eval.every == 0 or last)
-            or (last and cfg.eval.benchmarks)
-        ):
-            record.update(evaluate_and_save(run, cfg, ema, params, epoch))
+        if eval_due(cfg, epoch):
+            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
         logger.log(epoch, record)
         run.history.append({"epoch": epoch, **record})
-        if run.main and (
-            (cfg.output.checkpoint_every and (epoch + 1) % cfg.output.checkpoint_every == 0) or last
-        ):
-            state = {
-                "epoch": epoch,
-                "opt_steps": opt_steps,
-                "lora": model.adapter_state_dict(STUDENT),
-                "optimizer": opt.state_dict(),
-                "guard": guard.state_dict(),
-            }
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_checkpoint(out, epoch + 1, state, keep_last=cfg.output.keep_last or None)
-        dist.barrier()
+        ts.checkpoint(epoch, cfg.output, last=last)
 
-    if run.main:
-        if ema is not None:
-            with ema.swapped(params):
-                model.save_adapter(STUDENT, Path(out) / "lora")
-        else:
-            model.save_adapter(STUDENT, Path(out) / "lora")
+    ts.save_final()
     logger.close()
-    dist.barrier()
     return run
 
 

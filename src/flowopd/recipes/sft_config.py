@@ -93,6 +93,11 @@ class SFTTrainConfig:
         "Abort after this many consecutive optimizer steps with a non-finite loss or grad.", 3
     )
     seed: int = _help("Random seed (prompts, teacher noise, training noise, shuffling).", 42)
+    adamw_8bit: bool = _help(
+        "AdamW with 8-bit states (bitsandbytes, CUDA only); falls back to torch AdamW "
+        "with a warning when unavailable.",
+        False,
+    )
 
     def validate(self) -> None:
         if self.lr <= 0:

@@ -1,0 +1,73 @@
+"""Seconds per Flow-GRPO epoch, split into sampling / scoring / training.
+
+Runs a few epochs of the toy GenEval preset on (a) the embedded model and (b) the tiny
+in-memory SD3 test pipeline (2 layers, VAE, three text encoders), in one process, and
+prints the median per-phase time of the epochs after the first (warm-up) with the machine.
+
+    python bench/epoch_time.py [--epochs 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(model_path: str, out: Path, epochs: int) -> dict:
+    from flowopd.config import load_config
+    from flowopd.recipes.grpo import train_grpo
+    from flowopd.recipes.grpo_config import GRPOConfig
+
+    cfg = load_config(
+        GRPOConfig,
+        REPO / "configs" / "toy" / "grpo_geneval.yaml",
+        [f"model.path={model_path}", f"train.epochs={epochs}", f"output.dir={out}",
+         "eval.every=0", "eval.benchmarks=[]", "output.checkpoint_every=0"],
+    )  # fmt: skip
+    run = train_grpo(cfg)
+    hist = run.history[1:] or run.history
+    phases = {k: statistics.median(h[f"time/{k}"] for h in hist) for k in ("sample", "score", "train")}
+    phases["total"] = sum(phases.values())
+    phases["images_per_epoch"] = cfg.images_per_epoch
+    return phases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from flowopd.models.sd3 import SD3Model
+    from flowopd.models.tiny import build_tiny_sd3_pipeline
+    from flowopd.paths import default_model
+
+    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = Path(tmp) / "tiny_sd3"
+        SD3Model(build_tiny_sd3_pipeline(), max_sequence_length=8).save_pretrained(tiny)
+        for name, path in [("embedded", default_model()), ("tiny-sd3", str(tiny))]:
+            results[name] = _run(path, Path(tmp) / name, args.epochs)
+    print(f"machine: {machine}")
+    print(f"{'model':<10} {'images':>7} {'sample s':>9} {'score s':>8} {'train s':>8} {'total s':>8}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['images_per_epoch']:>7} {r['sample']:>9.2f} {r['score']:>8.2f} {r['train']:>8.2f} {r['total']:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""bench/full_size.py runs end to end at tiny size on CPU (the full size needs a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from tests.conftest import REPO
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("full_size", REPO / "bench" / "full_size.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_full_size_bench_runs_at_tiny_size(tmp_path, capsys):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    for key in ("device_name", "dtype", "batch", "image_tokens", "text_tokens", "params",
+                "lora_params", "flops", "time_s", "images_per_s", "tflops", "peak_tflops",
+                "mfu", "peak_memory_bytes", "memory_kind", "predicted"):  # fmt: skip
+        assert key in r, key
+    assert r["flops"]["forward_per_row"] > 0 and r["flops"]["train_step"] > 0
+    # 10 steps x 2 CFG rows per image
+    assert r["flops"]["sample"] == 10 * 2 * r["batch"] * r["flops"]["forward_per_row"]
+    assert r["time_s"]["sample"] > 0 and r["images_per_s"] > 0
+    assert r["peak_tflops"] is None and r["mfu"]["train_step"] is None  # CPU: MFU n/a
+    assert r["memory_kind"] == "cpu_max_rss" and r["peak_memory_bytes"]["train_step"] > 0
+    assert r["ratio_mean_abs_err"] < 1e-6  # collection and re-scoring agree before the update
+    assert r["predicted"]["sample_s"] > 0
+    assert "MFU n/a" in capsys.readouterr().out

@@ -1,0 +1,94 @@
+"""``flowopd estimate``: SD3.5-Medium by hub id (nothing downloaded) and a tiny local model
+whose FLOP count is the hand count of tests/test_perf.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowopd import perf
+from flowopd.cli import main
+from flowopd.models.tiny import TinySD3Config
+from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
+from tests.conftest import REPO
+from tests.test_perf import HAND, HAND_FORWARD, N_IMG, N_TXT
+
+SD35M = str(REPO / "configs" / "sd35m" / "grpo_geneval.yaml")
+GiB = 1024**3
+
+
+def _estimate(capsys, tmp_path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "est.json"
+    assert main(["estimate", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_sd35m_geneval_on_h100(capsys, tmp_path):
+    est, text = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "h100")
+    # 512 px: 1024 image + 77 + 256 text tokens; 2.44 TFLOPs per row + LoRA r=32
+    assert (est["image_tokens"], est["text_tokens"], est["rows_per_image"]) == (1024, 333, 2)
+    assert est["flops"]["forward_per_row_base"] == 2_442_642_604_032
+    assert est["params"] == 2_243_171_520
+    assert all(v > 0 for v in est["time_s"].values())
+    assert 60 < est["epoch_seconds"] < 3600
+    # the published batch (24 trajectories x CFG = 48 rows per backward) keeps ~100 GiB of
+    # activations: the estimate says it does not fit and names the fixes
+    assert est["memory"]["activations"] > 80 * GiB
+    assert "exceeds the 80 GiB" in text and "gradient_checkpointing" in text
+    assert "peak" in text and "sampling" in text and "training" in text
+
+
+def test_sd35m_geneval_fits_with_checkpointing(capsys, tmp_path):
+    est, _ = _estimate(
+        capsys, tmp_path, "--config", SD35M, "--gpu", "h100", "--gpus", "8",
+        "model.gradient_checkpointing=true",
+    )  # fmt: skip
+    assert 10 * GiB < est["memory"]["peak"] < 80 * GiB
+    assert est["flops"]["train_per_row_recompute"] > 0
+    # 8 processes share the 48 prompts: ~1/8 of the single-GPU epoch
+    one, _ = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "h100",
+                       "model.gradient_checkpointing=true")  # fmt: skip
+    assert est["epoch_seconds"] == pytest.approx(one["epoch_seconds"] / 8, rel=0.01)
+
+
+def test_slower_gpu_is_slower(capsys, tmp_path):
+    h100, _ = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "h100")
+    a100, _ = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "a100")
+    ratio = a100["time_s"]["training"] / h100["time_s"]["training"]
+    assert ratio == pytest.approx(989 / 312)
+
+
+def test_indivisible_gpus_is_user_error(capsys):
+    assert main(["estimate", "--config", SD35M, "--gpus", "5"]) == 2
+    assert "divisible" in capsys.readouterr().err
+
+
+def test_tiny_local_model_matches_the_hand_count(capsys, tmp_path):
+    from flowopd.models.sd3 import SD3Model
+    from flowopd.models.tiny import build_tiny_sd3_pipeline
+
+    # the HAND architecture as a saved pipeline: 4 x 4 latents (tiny VAE, x2) = 8 px,
+    # 8 CLIP tokens + 4 T5 tokens = N_TXT
+    cfg = TinySD3Config(
+        sample_size=4, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, dual_attention_layers=(0,), qk_norm="rms_norm", clip_hidden=16,
+        clip_max_length=8,
+    )  # fmt: skip
+    path = tmp_path / "tiny"
+    SD3Model(build_tiny_sd3_pipeline(cfg), max_sequence_length=4).save_pretrained(path)
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(
+        f"model: {{path: {path}, dtype: float32, lora: {{rank: 4, alpha: 4}}}}\n"
+        "data: {train: 'world:geneval'}\nreward: toy_geneval\n"
+        "sample: {num_steps: 4, group_size: 2, prompts_per_epoch: 2, batch_size: 2}\n"
+    )
+    est, text = _estimate(capsys, tmp_path, "--config", str(yaml), "--gpu", "cpu")
+    assert (est["image_tokens"], est["text_tokens"]) == (N_IMG, N_TXT)
+    assert est["flops"]["forward_per_row_base"] == HAND_FORWARD == 772_096
+    lora = perf.forward_flops(HAND, N_IMG, N_TXT, lora_rank=4, lora_targets=SD3_LORA_TARGETS)
+    assert est["flops"]["forward_per_row"] == lora
+    assert est["params"] == perf.transformer_params(HAND)
+    # text encoders and VAE sizes come from the safetensors headers of the directory
+    assert est["memory"]["text_encoders"] > 0 and est["memory"]["vae"] > 0
+    assert "GFLOP/s measured" in text
