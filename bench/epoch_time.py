@@ -36,7 +36,9 @@ def _run(model_path: str, out: Path, epochs: int) -> dict:
     )  # fmt: skip
     run = train_grpo(cfg)
     hist = run.history[1:] or run.history
-    phases = {k: statistics.median(h[f"time/{k}"] for h in hist) for k in ("sample", "score", "train")}
+    phases = {
+        k: statistics.median(h[f"time/{k}"] for h in hist) for k in ("sample", "score", "train")
+    }
     phases["total"] = sum(phases.values())
     phases["images_per_epoch"] = cfg.images_per_epoch
     return phases
@@ -62,9 +64,13 @@ def main() -> None:
         for name, path in [("embedded", default_model()), ("tiny-sd3", str(tiny))]:
             results[name] = _run(path, Path(tmp) / name, args.epochs)
     print(f"machine: {machine}")
-    print(f"{'model':<10} {'images':>7} {'sample s':>9} {'score s':>8} {'train s':>8} {'total s':>8}")
+    print(
+        f"{'model':<10} {'images':>7} {'sample s':>9} {'score s':>8} {'train s':>8} {'total s':>8}"
+    )
     for name, r in results.items():
-        print(f"{name:<10} {r['images_per_epoch']:>7} {r['sample']:>9.2f} {r['score']:>8.2f} {r['train']:>8.2f} {r['total']:>8.2f}")
+        print(
+            f"{name:<10} {r['images_per_epoch']:>7} {r['sample']:>9.2f} {r['score']:>8.2f} {r['train']:>8.2f} {r['total']:>8.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 

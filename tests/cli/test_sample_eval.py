@@ -24,10 +24,21 @@ def test_sample_errors_are_one_line(tmp_path, tiny_pixel_dir):
         (["--model", str(tiny_pixel_dir), "--lora", str(tmp_path)], "LoRA"),
         (["--model", str(tiny_pixel_dir), "--steps", "0"], "--steps"),
     ]:
-        proc = run_cli("sample", *args, "--prompt", "a circle", "--out", str(tmp_path / "o"), check=False)
+        proc = run_cli(
+            "sample", *args, "--prompt", "a circle", "--out", str(tmp_path / "o"), check=False
+        )
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-    proc = run_cli("sample", "--model", str(tiny_pixel_dir), "--prompt", " ", "--out", str(tmp_path), check=False)
+    proc = run_cli(
+        "sample",
+        "--model",
+        str(tiny_pixel_dir),
+        "--prompt",
+        " ",
+        "--out",
+        str(tmp_path),
+        check=False,
+    )
     assert proc.returncode == 2 and "empty --prompt" in proc.stderr
 
 
@@ -40,7 +51,15 @@ def test_eval_writes_metrics_schema_and_is_deterministic(tmp_path, tiny_pixel_di
     b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert a == b  # same seed -> same numbers, whatever the batch size
     assert set(a) == {"toy-geneval", "toy-ocr", "toy-quality"}
-    cats = {"single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"}
+    cats = {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+        "overall",
+    }
     assert set(a["toy-geneval"]) <= cats and "overall" in a["toy-geneval"]
     assert set(a["toy-ocr"]) == {"overall"}
     assert (tmp_path / "a" / "grid.png").is_file()
