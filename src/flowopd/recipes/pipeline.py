@@ -99,7 +99,9 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
     cs = cfg.cold_start
     if cs.method == "merge":
         run_dir = out / "cold_start"
-        if not _done(run_dir):
+        if _done(run_dir):
+            log(f"[pipeline] cold-start: done already ({run_dir})")
+        else:
             from flowopd.recipes.merge import merge_loras
 
             log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
