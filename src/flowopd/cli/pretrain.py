@@ -32,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     cfg = PretrainConfig(out=args.out, seed=args.seed)
-    for key in ("steps", "minutes", "batch_size", "lr", "save_every"):
+    if args.init:
+        from pathlib import Path
+
+        if not (Path(args.init) / "model_index.json").is_file():
+            raise UserError(f"--init '{args.init}' is not a saved model directory (no model_index.json)")
+        cfg.init = args.init
+    for key in ("steps", "minutes", "batch_size", "lr", "save_every", "ocr_fraction", "warmup"):
         val = getattr(args, key)
         if val is not None:
             if val <= 0:

@@ -57,6 +57,7 @@ class PretrainConfig:
     ema_decay: float = 0.999
     log_every: int = 100
     save_every: int = 0  # also save EMA snapshots as OUT-stepN directories (0: only at the end)
+    init: str = ""  # continue from a saved embedded model (a second, curriculum stage)
     arch: TinySD3Config = field(default_factory=lambda: EMBEDDED_ARCH)
 
 
@@ -71,6 +72,14 @@ def _encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         max_sequence_length=1,
     )
     return embeds, pooled
+
+
+def _previous_stages(init: str) -> list[dict]:
+    """The training stages recorded in an --init model's flowopd.json (for provenance)."""
+    if not init:
+        return []
+    meta = json.loads((Path(init) / "flowopd.json").read_text())
+    return meta.get("stages", [meta.get("config", {})])
 
 
 def _save_snapshot(pipe, params, ema, path: str, meta: dict) -> None:
@@ -101,7 +110,10 @@ def pretrain(cfg: PretrainConfig, log=None):
     from flowopd.world.render import render_batch
 
     torch.manual_seed(cfg.seed)
-    pipe = build_tiny_sd3_pipeline(cfg.arch, seed=cfg.seed)
+    if cfg.init:
+        pipe = SD3Model.from_pretrained(cfg.init).pipe  # architecture and weights of stage 1
+    else:
+        pipe = build_tiny_sd3_pipeline(cfg.arch, seed=cfg.seed)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -172,6 +184,7 @@ def pretrain(cfg: PretrainConfig, log=None):
         "seed": cfg.seed,
         "minutes": round((time.time() - start) / 60, 2),
         "config": {k: v for k, v in asdict(cfg).items() if k != "arch"},
+        "stages": _previous_stages(cfg.init) + [{k: v for k, v in asdict(cfg).items() if k != "arch"}],
         "arch": asdict(cfg.arch),
     }
     out = Path(cfg.out)
