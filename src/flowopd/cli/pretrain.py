@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument(
         "--save-every", type=int, default=None, help="also save snapshots OUT-stepN every N steps"
     )
+    p.add_argument("--init", default=None, help="continue from a saved embedded model (curriculum stage)")
+    p.add_argument("--ocr-fraction", type=float, default=None, help="share of OCR prompts per batch (default 0.3)")
+    p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 200)")
     p.set_defaults(handler=run)
 
 
