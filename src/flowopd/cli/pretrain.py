@@ -20,8 +20,15 @@ def register(sub) -> None:
     p.add_argument(
         "--save-every", type=int, default=None, help="also save snapshots OUT-stepN every N steps"
     )
-    p.add_argument("--init", default=None, help="continue from a saved embedded model (curriculum stage)")
-    p.add_argument("--ocr-fraction", type=float, default=None, help="share of OCR prompts per batch (default 0.3)")
+    p.add_argument(
+        "--init", default=None, help="continue from a saved embedded model (curriculum stage)"
+    )
+    p.add_argument(
+        "--ocr-fraction",
+        type=float,
+        default=None,
+        help="share of OCR prompts per batch (default 0.3)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 200)")
     p.set_defaults(handler=run)
 
@@ -39,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         if not (Path(args.init) / "model_index.json").is_file():
-            raise UserError(f"--init '{args.init}' is not a saved model directory (no model_index.json)")
+            raise UserError(
+                f"--init '{args.init}' is not a saved model directory (no model_index.json)"
+            )
         cfg.init = args.init
     for key in ("steps", "minutes", "batch_size", "lr", "save_every", "ocr_fraction", "warmup"):
         val = getattr(args, key)

@@ -184,7 +184,8 @@ def pretrain(cfg: PretrainConfig, log=None):
         "seed": cfg.seed,
         "minutes": round((time.time() - start) / 60, 2),
         "config": {k: v for k, v in asdict(cfg).items() if k != "arch"},
-        "stages": _previous_stages(cfg.init) + [{k: v for k, v in asdict(cfg).items() if k != "arch"}],
+        "stages": _previous_stages(cfg.init)
+        + [{k: v for k, v in asdict(cfg).items() if k != "arch"}],
         "arch": asdict(cfg.arch),
     }
     out = Path(cfg.out)
