@@ -230,10 +230,12 @@ def write_report(
         recs = read_log(path)
         if name.startswith("flow-opd"):
             kl_curves[name] = [(r["epoch"], r["kl"]) for r in recs if r.get("kl") is not None]
-        else:
-            reward_curves[name] = [
-                (r.get("images", r["epoch"]), r["reward_mean"]) for r in recs if "reward_mean" in r
-            ]
+        else:  # GRPO-Mix alternates datasets (rewards on different scales): one series each
+            for r in recs:
+                if "reward_mean" in r:
+                    series = f"{name} ({r['dataset']})" if r.get("dataset") else name
+                    point = (r.get("images", r["epoch"]), r["reward_mean"])
+                    reward_curves.setdefault(series, []).append(point)
     images: dict[str, Path] = {}
     if reward_curves:
         plot_curves(
