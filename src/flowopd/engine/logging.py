@@ -164,6 +164,16 @@ class RunLogger:
                 self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()
 
+    def truncate_from(self, epoch: int) -> None:
+        """Drop records of ``epoch`` and later (a resumed run redoes them; no duplicates)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

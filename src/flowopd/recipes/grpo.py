@@ -62,6 +62,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
     params = ts.params
     logger = RunLogger(out, enabled=run.main)
     start_epoch = ts.resume(cfg.output.resume)
+    logger.truncate_from(start_epoch)
 
     n_prompts = cfg.prompts_per_process(world)
     acc_steps = cfg.gradient_accumulation_steps(world)

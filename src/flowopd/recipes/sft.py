@@ -127,6 +127,7 @@ def train_sft(cfg: SFTConfig) -> Run:
     params = ts.params
     logger = RunLogger(out, enabled=run.main)
     start_epoch = ts.resume(cfg.output.resume)
+    logger.truncate_from(start_epoch)
 
     # a fixed probe (the same images, t and eps every epoch): a fit measure whose trend
     # the sampling noise of t and eps in the training loss does not hide
