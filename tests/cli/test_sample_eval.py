@@ -69,3 +69,17 @@ def test_eval_unknown_benchmark(tmp_path, tiny_pixel_dir):
     proc = run_cli("eval", "--model", str(tiny_pixel_dir), "--benchmark", "toy-genevl",
                    "--out", str(tmp_path), check=False)  # fmt: skip
     assert proc.returncode == 2 and "did you mean 'toy-geneval'" in proc.stderr
+
+
+def test_real_benchmark_prompt_files_are_read(shared_data):
+    from flowopd.eval.benchmarks import benchmark_records, parse_benchmarks
+
+    gen = f"geneval={shared_data / 'geneval' / 'test_metadata.jsonl'}"
+    ocr = f"ocr={shared_data / 'ocr' / 'test.txt'}"
+    assert parse_benchmarks(f"{gen},{ocr}") == [gen, ocr]
+    recs = benchmark_records(gen, None)
+    assert len(recs) == 2212 and {r["tag"] for r in recs} == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"
+    }  # fmt: skip
+    assert len(benchmark_records(ocr, None)) == 1018
+    assert len(benchmark_records(ocr, 10)) == 10

@@ -80,7 +80,7 @@ def benchmark_records(name: str, n: int | None) -> list[dict]:
     else:
         from flowopd.rewards.ocr import read_ocr_prompts
 
-        recs = [{"prompt": p, "task": "ocr"} for p in read_ocr_prompts(path)]
+        recs = read_ocr_prompts(path)
     return recs[:n] if n else recs
 
 
@@ -131,10 +131,13 @@ def _score(name: str, images: Tensor, recs: list[dict]) -> tuple[dict[str, float
     if base == "geneval":
         from flowopd.rewards.geneval import geneval_metric as real_metric
 
-        s = get_reward("geneval_strict")(images, prompts, recs)
-        return real_metric(
-            [{"tag": r["tag"], "correct": bool(v)} for r, v in zip(recs, s.tolist(), strict=True)]
-        ), s
+        # the official 0/1 judgement; the detector comes from the reward's defaults (a local
+        # path or a cached hub id: nothing is downloaded when HF_HUB_OFFLINE=1)
+        s = get_reward("geneval", mode="correct")(images, prompts, recs)
+        flags = [
+            {"tag": r["tag"], "correct": bool(v)} for r, v in zip(recs, s.tolist(), strict=True)
+        ]
+        return real_metric(flags), s
     s = get_reward("ocr")(images, prompts, recs)
     return {"overall": float(s.mean())}, s
 
