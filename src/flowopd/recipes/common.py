@@ -36,6 +36,14 @@ def load_prompts(spec: str, *, split: str = "train", n: int = 4000) -> list[dict
     return recs
 
 
+def load_datasets(data) -> tuple[list[list[dict]], list[int]]:
+    """A config's prompt datasets (``data.datasets`` or ``data.train``) and their mix ratio."""
+    if data.datasets:
+        datasets = [load_prompts(d.path) for d in data.datasets]
+        return datasets, list(data.mix_ratio or [1] * len(datasets))
+    return [load_prompts(data.train)], [1]
+
+
 def seed_for(*parts: int | str) -> int:
     """A stable 63-bit seed from parts (independent of process, hash randomisation, order)."""
     h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()

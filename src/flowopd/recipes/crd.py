@@ -50,8 +50,7 @@ from flowopd.recipes.runtime import (
     Run,
     TrainState,
     build_reward,
-    eval_due,
-    evaluate_and_save,
+    end_epoch,
     setup_run,
 )
 
@@ -234,12 +233,7 @@ def train_crd(cfg: CRDConfig) -> Run:
         record.update({"decay/sampler": decays.sampler, "decay/old": decays.old})
         record["times_per_batch"] = c.times_used
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        last = epoch + 1 == t.epochs
-        if eval_due(cfg, epoch):
-            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
-        logger.log(epoch, record)
-        run.history.append({"epoch": epoch, **record})
-        ts.checkpoint(epoch, cfg.output, last=last)
+        end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final policy adapter in the diffusers format (EMA weights when EMA is on)
     ts.save_final()

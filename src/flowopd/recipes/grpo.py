@@ -35,8 +35,7 @@ from flowopd.recipes.runtime import (
     Run,
     TrainState,
     build_reward,
-    eval_due,
-    evaluate_and_save,
+    end_epoch,
     setup_run,
 )
 
@@ -59,7 +58,6 @@ def train_grpo(cfg: GRPOConfig) -> Run:
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
     ts = TrainState(run, POLICY, t)
-    params = ts.params
     logger = RunLogger(out, enabled=run.main)
     start_epoch = ts.resume(cfg.output.resume)
     logger.truncate_from(start_epoch)
@@ -140,12 +138,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             opt_steps=ts.opt_steps, images=len(all_r) * (epoch + 1), dataset=labels[d],
         )  # fmt: skip
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        last = epoch + 1 == t.epochs
-        if eval_due(cfg, epoch):
-            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
-        logger.log(epoch, record)
-        run.history.append({"epoch": epoch, **record})
-        ts.checkpoint(epoch, cfg.output, last=last)
+        end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final adapter in the diffusers format (EMA weights when EMA is on)
     ts.save_final()

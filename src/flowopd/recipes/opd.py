@@ -34,7 +34,7 @@ from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import (
     collect_rollouts,
     epoch_prompts,
-    load_prompts,
+    load_datasets,
     rescore_step,
     seed_for,
     trained_steps,
@@ -44,8 +44,7 @@ from flowopd.recipes.runtime import (
     Run,
     TrainState,
     build_reward,
-    eval_due,
-    evaluate_and_save,
+    end_epoch,
     setup_run,
 )
 from flowopd.recipes.teachers import (
@@ -65,11 +64,7 @@ def train_opd(cfg: OPDConfig) -> Run:
 
     # -- data: every task of the training prompts needs a teacher (checked before loading
     #    the model, so a wrong config fails in a second) ----------------------------------
-    if cfg.data.datasets:
-        datasets = [load_prompts(d.path) for d in cfg.data.datasets]
-        ratio = cfg.data.mix_ratio or [1] * len(datasets)
-    else:
-        datasets, ratio = [load_prompts(cfg.data.train)], [1]
+    datasets, ratio = load_datasets(cfg.data)
     routes = o.teacher_of()
     check_tasks(datasets, routes, o.routing_key)
 
@@ -94,7 +89,6 @@ def train_opd(cfg: OPDConfig) -> Run:
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
     ts = TrainState(run, STUDENT, t)
-    params = ts.params
     logger = RunLogger(out, enabled=run.main)
     start_epoch = ts.resume(cfg.output.resume)
     logger.truncate_from(start_epoch)
@@ -203,12 +197,7 @@ def train_opd(cfg: OPDConfig) -> Run:
                     record[f"reward/{task}"] = float(all_r[all_task == i].mean())
         record.update(opt_steps=ts.opt_steps, images=len(all_kl) * (epoch + 1))
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        last = epoch + 1 == t.epochs
-        if eval_due(cfg, epoch):
-            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
-        logger.log(epoch, record)
-        run.history.append({"epoch": epoch, **record})
-        ts.checkpoint(epoch, cfg.output, last=last)
+        end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final student adapter in the diffusers format (EMA weights when EMA is on)
     ts.save_final()

@@ -242,3 +242,12 @@ def eval_due(cfg, epoch: int) -> bool:
     last = epoch + 1 == cfg.train.epochs
     every = cfg.eval.every
     return bool(cfg.eval.benchmarks) and ((every and (epoch + 1) % every == 0) or last)
+
+
+def end_epoch(run: Run, cfg, ts: TrainState, logger, epoch: int, record: dict) -> None:
+    """Evaluate when due, log the epoch's record, keep it in the history, checkpoint."""
+    if eval_due(cfg, epoch):
+        record.update(evaluate_and_save(run, cfg, ts.ema, ts.params, epoch))
+    logger.log(epoch, record)
+    run.history.append({"epoch": epoch, **record})
+    ts.checkpoint(epoch, cfg.output, last=epoch + 1 == cfg.train.epochs)

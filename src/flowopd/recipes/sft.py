@@ -30,12 +30,11 @@ from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_si
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
 from flowopd.models.base import Cond, FlowModel
-from flowopd.recipes.common import load_prompts, seed_for
+from flowopd.recipes.common import load_datasets, seed_for
 from flowopd.recipes.runtime import (
     Run,
     TrainState,
-    eval_due,
-    evaluate_and_save,
+    end_epoch,
     setup_run,
 )
 from flowopd.recipes.sft_config import SFTConfig
@@ -85,11 +84,7 @@ def train_sft(cfg: SFTConfig) -> Run:
     s, t, sft = cfg.sample, cfg.train, cfg.sft
 
     # -- prompts, checked against the teachers before the model loads -----------------------
-    if cfg.data.datasets:
-        datasets = [load_prompts(d.path) for d in cfg.data.datasets]
-        ratio = cfg.data.mix_ratio or [1] * len(datasets)
-    else:
-        datasets, ratio = [load_prompts(cfg.data.train)], [1]
+    datasets, ratio = load_datasets(cfg.data)
     check_tasks(datasets, sft.teacher_of(), sft.routing_key)
 
     run = setup_run(cfg, adapter=STUDENT)
@@ -124,7 +119,6 @@ def train_sft(cfg: SFTConfig) -> Run:
 
     # -- optimiser, EMA, guard, logger; resume --------------------------------------------
     ts = TrainState(run, STUDENT, t)
-    params = ts.params
     logger = RunLogger(out, enabled=run.main)
     start_epoch = ts.resume(cfg.output.resume)
     logger.truncate_from(start_epoch)
@@ -168,12 +162,7 @@ def train_sft(cfg: SFTConfig) -> Run:
         record["probe_loss"] = float(dist.gather_cat(probe.detach().cpu()).mean())
         record.update(opt_steps=ts.opt_steps, images=len(x0) * world * (epoch + 1))
         record["time/train"] = time.time() - t1
-        last = epoch + 1 == t.epochs
-        if eval_due(cfg, epoch):
-            record.update(evaluate_and_save(run, cfg, ts.ema, params, epoch))
-        logger.log(epoch, record)
-        run.history.append({"epoch": epoch, **record})
-        ts.checkpoint(epoch, cfg.output, last=last)
+        end_epoch(run, cfg, ts, logger, epoch, record)
 
     ts.save_final()
     logger.close()

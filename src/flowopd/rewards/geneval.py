@@ -50,6 +50,7 @@ from torch import Tensor
 
 from flowopd.errors import UserError
 from flowopd.rewards.base import register_reward
+from flowopd.world.spec import relative_position  # GenEval's rule, one implementation
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -259,41 +260,6 @@ def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     )  # fmt: skip
     union = area(box_a) + area(box_b) - inter
     return inter / union if union else 0.0
-
-
-def relative_position(
-    box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1
-) -> set[str]:
-    """Relations of box A to box B among ``left of / right of / above / below`` (y grows down).
-
-    With centres c and sizes d = (w, h)::
-
-        offset  = c_a - c_b                                           # (dx, dy)
-        revised = sign(offset) * max(|offset| - threshold * (d_a + d_b), 0)
-        (u, v)  = revised / ||offset||     # GenEval's quirk: divides by the *unrevised* norm
-
-    then ``left of`` if u < -0.5, ``right of`` if u > 0.5, ``above`` if v < -0.5, ``below`` if
-    v > 0.5; no relation at all when both revised components are below 1e-3. So A must be offset
-    beyond a margin of 10% of the summed box sizes, and mostly along that axis.
-    """
-    boxes = np.array([box_a[:4], box_b[:4]], dtype=np.float64).reshape(2, 2, 2)
-    center_a, center_b = boxes.mean(axis=-2)
-    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rel = set()
-    if dx < -0.5:
-        rel.add("left of")
-    if dx > 0.5:
-        rel.add("right of")
-    if dy < -0.5:
-        rel.add("above")
-    if dy > 0.5:
-        rel.add("below")
-    return rel
 
 
 def select_objects(

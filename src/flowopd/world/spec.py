@@ -52,23 +52,26 @@ COUNT_RANGE = (2, 4)  # counting prompts, as GenEval (2-4 objects)
 POSITION_THRESHOLD = 0.1
 
 
-def relative_position(box_a: np.ndarray, box_b: np.ndarray) -> set[str]:
+def relative_position(
+    box_a: np.ndarray, box_b: np.ndarray, threshold: float = POSITION_THRESHOLD
+) -> set[str]:
     """Relations of box A to box B, exactly as GenEval's ``relative_position``.
 
     Boxes are ``(x0, y0, x1, y1)`` in pixels, y pointing down. With centres ``c``, sizes
     ``d`` and ``o = c_a - c_b``::
 
-        r = max(|o| - 0.1 (d_a + d_b), 0) * sign(o)      # per axis
+        r = max(|o| - threshold (d_a + d_b), 0) * sign(o)      # per axis, threshold 0.1
         (dx, dy) = r / ||o||
         "left of" if dx < -0.5, "right of" if dx > 0.5, "above" if dy < -0.5, "below" if dy > 0.5
 
-    An empty set when the boxes are (nearly) concentric.
+    An empty set when the boxes are (nearly) concentric. Used by both the world's renderer
+    and scorer and by the real GenEval reward (``flowopd.rewards.geneval``).
     """
     boxes = np.array([box_a, box_b], dtype=np.float64)[:, :4].reshape(2, 2, 2)
     center_a, center_b = boxes.mean(axis=-2)
     dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
     offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
