@@ -36,6 +36,17 @@ def load_prompts(spec: str, *, split: str = "train", n: int = 4000) -> list[dict
     return recs
 
 
+def sde_window(sample_cfg, seed: int, epoch: int) -> tuple[int, int] | None:
+    """Flow-GRPO-Fast: the epoch's stochastic window (start, end), the same on every process;
+    None when ``sample.sde_window_size`` is 0 (every step stochastic)."""
+    size = sample_cfg.sde_window_size
+    if not size:
+        return None
+    lo, hi = sample_cfg.sde_window_range
+    start = int(np.random.default_rng(seed_for(seed, "window", epoch)).integers(lo, hi - size + 1))
+    return (start, start + size)
+
+
 def load_datasets(data) -> tuple[list[list[dict]], list[int]]:
     """A config's prompt datasets (``data.datasets`` or ``data.train``) and their mix ratio."""
     if data.datasets:

@@ -27,6 +27,7 @@ from flowopd.recipes.common import (
     epoch_prompts,
     load_prompts,
     rescore_step,
+    sde_window,
     seed_for,
     trained_steps,
 )
@@ -71,12 +72,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
         # 1. prompts: the same global list everywhere, this process takes a contiguous share
         prompts = epoch_prompts(datasets[d], s.prompts_per_epoch, t.seed, epoch)
         mine = prompts[rank * n_prompts : (rank + 1) * n_prompts]
-        window = None
-        if s.sde_window_size:
-            lo, hi = s.sde_window_range
-            rng = np.random.default_rng(seed_for(t.seed, "window", epoch))
-            start = int(rng.integers(lo, hi - s.sde_window_size + 1))
-            window = (start, start + s.sde_window_size)
+        window = sde_window(s, t.seed, epoch)
 
         # 2. rollouts with the current policy
         model.transformer.eval()

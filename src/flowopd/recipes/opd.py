@@ -36,6 +36,7 @@ from flowopd.recipes.common import (
     epoch_prompts,
     load_datasets,
     rescore_step,
+    sde_window,
     seed_for,
     trained_steps,
 )
@@ -107,12 +108,7 @@ def train_opd(cfg: OPDConfig) -> Run:
             prompts, which = mixed_epoch_prompts(datasets, ratio, s.prompts_per_epoch, t.seed,
                                                  epoch)  # fmt: skip
         mine = prompts[rank * n_prompts : (rank + 1) * n_prompts]
-        window = None
-        if s.sde_window_size:
-            lo, hi = s.sde_window_range
-            rng = np.random.default_rng(seed_for(t.seed, "window", epoch))
-            start = int(rng.integers(lo, hi - s.sde_window_size + 1))
-            window = (start, start + s.sde_window_size)
+        window = sde_window(s, t.seed, epoch)
 
         # 2. rollouts with the current student
         model.transformer.eval()
