@@ -16,9 +16,9 @@ import torch
 # Words that become single tokens. Anything else falls back to byte-level pieces.
 _WORDS = """
 a an the of and photo with that says sign left right above below
-red green blue yellow purple orange black white pink brown gray cyan
+red green blue yellow purple orange black white pink brown gray
 circle circles square squares triangle triangles cross crosses star stars
-one two three four five six cat dog car tree house word text image picture on in to is
+one two three four five six dog tree house word text image picture on in to is
 """
 DEFAULT_WORDS: tuple[str, ...] = tuple(_WORDS.split())
 
@@ -37,33 +37,69 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
+def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> tuple[str, ...]:
+    """CLIP's BPE on one pre-token: repeatedly merge the lowest-ranked adjacent pair."""
+    while len(word) > 1:
+        pairs = set(zip(word[:-1], word[1:], strict=True))
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        out: list[str] = []
+        i = 0
+        while i < len(word):
+            if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                out.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                out.append(word[i])
+                i += 1
+        word = tuple(out)
+    return word
+
+
 def clip_vocab(
     words: Sequence[str] = DEFAULT_WORDS,
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A deterministic CLIP BPE vocabulary: 256 bytes, 256 end-of-word bytes, word merges.
 
     Merges build each word left to right (``c a t</w>`` -> ``ca t</w>`` -> ``cat</w>``).
+    A merge added for one word can pre-empt another word's chain (``r e`` from "red"
+    splits "green" into ``g re e n</w>``), so words are revisited until every listed word
+    tokenizes to exactly one token, joining whatever pieces BPE leaves with new merges.
     Returns (vocab: token -> id, merges: list of pairs).
     """
     base = list(_bytes_to_unicode().values())
     vocab_list = base + [b + "</w>" for b in base]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab_list)
     enc = _bytes_to_unicode()
+    pretokens = []
     for word in dict.fromkeys(words):  # ordered, de-duplicated
         chars = [enc[b] for b in word.lower().encode("utf-8")]
-        if len(chars) < 2:
-            continue
         chars[-1] = chars[-1] + "</w>"
-        left = chars[0]
-        for nxt in chars[1:]:
-            pair = (left, nxt)
-            left = left + nxt
-            if pair not in merges:
-                merges.append(pair)
-            if left not in seen:
-                seen.add(left)
-                vocab_list.append(left)
+        pretokens.append(tuple(chars))
+    for _ in range(len(pretokens) + 1):  # each pass fixes every word it visits
+        changed = False
+        for chars in pretokens:
+            pieces = _bpe(chars, ranks)
+            if len(pieces) == 1:
+                continue
+            changed = True
+            left = pieces[0]
+            for nxt in pieces[1:]:
+                pair = (left, nxt)
+                left = left + nxt
+                if pair not in ranks:
+                    ranks[pair] = len(merges)
+                    merges.append(pair)
+                if left not in seen:
+                    seen.add(left)
+                    vocab_list.append(left)
+        if not changed:
+            break
+    else:  # pragma: no cover - a vocabulary that never settles is a bug in this function
+        raise RuntimeError("clip_vocab: word merges did not converge")
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 

@@ -6,7 +6,9 @@ Kept small and explicit so each recipe still reads top to bottom.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,30 @@ def load_prompts(spec: str, *, split: str = "train", n: int = 4000) -> list[dict
     if not recs:
         raise UserError(f"prompt file '{spec}' holds no prompts")
     return recs
+
+
+_SCORER: ThreadPoolExecutor | None = None
+
+
+def submit_reward(
+    reward: Callable[[Tensor, list[str], list[dict]], Tensor],
+    images: Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+) -> Future[Tensor]:
+    """Start scoring a batch and return at once: ``future.result()`` is the (B,) reward.
+
+    A reward with its own ``submit`` (the OCR reward's worker pool) scores there; any other
+    runs on one background thread. Either way the caller goes on sampling the next batch
+    while this one is scored (the network's forward releases the GIL).
+    """
+    own = getattr(reward, "submit", None)
+    if callable(own):
+        return own(images, prompts, metadata)
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowopd-reward")
+    return _SCORER.submit(reward, images, prompts, metadata)
 
 
 def sde_window(sample_cfg, seed: int, epoch: int) -> tuple[int, int] | None:
@@ -73,7 +99,9 @@ class Rollouts:
     """A process's rollouts for one epoch: N = prompts x G samples.
 
     records/prompts: per sample; group_ids: (N,) global prompt index; cond: N rows;
-    trajectory: as ``sampling.Trajectory``; images (N, 3, H, W); rewards filled later.
+    trajectory: as ``sampling.Trajectory``; images (N, 3, H, W); rewards (N,) float32 when
+    ``collect_rollouts`` was given a reward (scored batch by batch, overlapping sampling),
+    else None; score_wait: seconds spent waiting for scores after the last batch.
     """
 
     records: list[dict]
@@ -83,6 +111,8 @@ class Rollouts:
     trajectory: Trajectory
     images: Tensor
     latents: Tensor
+    rewards: Tensor | None = None
+    score_wait: float = 0.0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -104,6 +134,7 @@ def collect_rollouts(
     sde_window: tuple[int, int] | None = None,
     adapters_for: callable | None = None,
     record: bool = True,
+    reward: Callable[[Tensor, list[str], list[dict]], Tensor] | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` images for each record with the active adapter (no grad).
 
@@ -112,6 +143,10 @@ def collect_rollouts(
     any number of processes and any batch size. ``record=False`` keeps no trajectory
     (``trajectory.latents`` holds only the final sample): for recipes that train on the
     clean samples alone (CRD), it saves the (N, T + 1, C, h, w) states and step means.
+
+    With ``reward``, each batch is handed to :func:`submit_reward` as soon as it is decoded,
+    so scoring batch k overlaps sampling batch k + 1; ``Rollouts.rewards`` holds the scores
+    in sample order (the same values as scoring the whole epoch at once).
     """
     prompts = [r["prompt"] for r in records]
     cond_unique = model.encode_prompts(prompts)
@@ -121,6 +156,7 @@ def collect_rollouts(
     sample_prompts = [r["prompt"] for r in sample_records]
     cond = cond_unique.repeat_interleave(group_size)
     outs: list[SampleOutput] = []
+    futures: list[Future[Tensor]] = []
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
         gens = [
@@ -134,6 +170,17 @@ def collect_rollouts(
             record=record,
         )  # fmt: skip
         outs.append(out)
+        if reward is not None:
+            meta = [sample_records[i] for i in rows]
+            futures.append(submit_reward(reward, out.images, [m["prompt"] for m in meta], meta))
+    t_wait = time.time()
+    rewards = None
+    if reward is not None:
+        rewards = torch.cat(
+            [torch.as_tensor(f.result()).float().cpu().reshape(-1) for f in futures]
+        )
+        if rewards.shape != (n,):
+            raise ValueError(f"reward returned {tuple(rewards.shape)} scores for {n} samples")
     return Rollouts(
         records=sample_records,
         prompts=sample_prompts,
@@ -142,6 +189,8 @@ def collect_rollouts(
         trajectory=Trajectory.cat([o.trajectory for o in outs]),
         images=torch.cat([o.images for o in outs]),
         latents=torch.cat([o.latents for o in outs]),
+        rewards=rewards,
+        score_wait=time.time() - t_wait,
     )
 
 

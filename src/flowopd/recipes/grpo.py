@@ -80,12 +80,13 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             model, mine, rank * n_prompts, s.group_size, num_steps=s.num_steps, kind=s.kind,
             noise_level=s.noise_level, guidance_scale=cfg.model.guidance_scale,
             batch_size=s.batch_size, seed=t.seed, epoch=epoch, sde_window=window,
+            reward=rewards[d],  # scored batch by batch while the next batch samples
         )  # fmt: skip
-        t_sample = time.time() - t0
+        t_sample = time.time() - t0 - ro.score_wait
 
         # 3. rewards -> group advantages over the whole (gathered) epoch
-        t1 = time.time()
-        local_r = rewards[d](ro.images, ro.prompts, ro.records).float()
+        t1 = time.time() - ro.score_wait  # scoring time = the wait after the last batch
+        local_r = ro.rewards
         all_r = dist.gather_cat(local_r)
         all_g = dist.gather_cat(ro.group_ids)
         adv_all = group_advantages(all_r, all_g, std=t.adv_std, clip=t.adv_clip)
