@@ -193,8 +193,8 @@ def test_bad_model_path_is_one_line_user_error(tmp_path):
 
 
 def test_save_and_reload_pipeline_roundtrip(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "m", meta={"note": "test"})
-    again = load_model(str(tmp_path / "m"))
+    tiny_model.save_pretrained(tmp_path / "new" / "m", meta={"note": "test"})  # parents made
+    again = load_model(str(tmp_path / "new" / "m"))
     assert again.max_sequence_length == 8
     a = sample(tiny_model, PROMPTS, 3, kind="ode", generator=torch.Generator().manual_seed(0))
     b = sample(again, PROMPTS, 3, kind="ode", generator=torch.Generator().manual_seed(0))

@@ -178,6 +178,7 @@ class SD3Model:
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
         """Save the pipeline (and flowopd metadata) atomically to ``path``."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
