@@ -12,7 +12,7 @@ import torch
 
 from flowopd.world.font import CHARSET, GLYPHS, text_mask, text_size
 from flowopd.world.prompts import make_records, ocr_record
-from flowopd.world.render import GAP, MARGIN, draw, layout, render_batch, shape_mask
+from flowopd.world.render import GAP, GRID, MARGIN, SIZES, draw, layout, render_batch, shape_mask
 from flowopd.world.spec import BACKGROUND, INK, OPPOSITE, PALETTE, relative_position
 
 
@@ -69,7 +69,8 @@ def test_layouts_respect_counts_colours_relations_and_spacing():
         for o in objs:
             x0, y0, x1, y1 = o.box
             assert min(x0, y0) >= MARGIN and max(x1, y1) <= 32 - MARGIN
-            assert 7 <= x1 - x0 == y1 - y0 <= 10
+            assert x1 - x0 == y1 - y0 in SIZES
+            assert x0 % GRID == 0 and y0 % GRID == 0  # on the patch grid
         for a, b in itertools.combinations(objs, 2):
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.box, b.box
             assert ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0

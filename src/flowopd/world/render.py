@@ -1,12 +1,20 @@
 """Ground-truth renders of world records: flat shapes or black text on white, 32x32.
 
 Variety (the only "augmentation", kept small so a tiny pixel-space model can learn the
-world): every render draws object sizes (7-10 px), positions, and the colours of objects
-the prompt leaves uncoloured; text is placed at a random offset. Edges are hard (no
-anti-aliasing) so every pixel is exactly a palette colour, white or ink.
+world): every render draws object sizes (8 or 12 px), positions, and the colours of
+objects the prompt leaves uncoloured; text is placed at a random offset. Edges are hard
+(no anti-aliasing) so every pixel is exactly a palette colour, white or ink.
+
+Everything sits on a 4 px grid (``GRID``): box corners, sizes and text offsets are
+multiples of 4, the embedded model's patch size. Each image token then covers a whole
+cell of one object (a disc quadrant, a triangle edge, two by two font cells) instead of
+any of 16 sub-patch phases, which is what lets a 2.3M-parameter model draw shapes and
+glyphs crisply enough to be read after an hour of CPU training. Positions, counts,
+relations and colours keep all their variety.
 
 Layout guarantees, which the exact scorers rely on:
-- objects never overlap and are separated by >= 2 px, and lie >= 1 px inside the image;
+- objects never overlap and are separated by >= 4 px (one grid cell) and lie inside the
+  image;
 - a ``position`` pair satisfies GenEval's relation with margin: along the named axis the
   normalised revised offset is >= 0.8, across it the centres differ by <= 2 px;
 - counts are exact, so a counting record also satisfies its ``exclude``.
@@ -23,10 +31,11 @@ import torch
 from flowopd.world.font import text_mask
 from flowopd.world.spec import BACKGROUND, COLORS, IMAGE_SIZE, INK, PALETTE, relative_position
 
-SIZE_RANGE = (7, 10)  # object side in px, inclusive, for 1-2 objects
-SIZE_RANGE_CROWDED = (7, 9)  # for 3-4 objects
-GAP = 2  # min blank px between two objects' boxes
-MARGIN = 1  # min blank px to the image border
+GRID = 4  # px; box corners, object sizes and text offsets are multiples of it
+SIZES = (8, 12)  # object side in px, for 1-2 objects
+SIZES_CROWDED = (8,)  # for 3-4 objects
+GAP = GRID  # min blank px between two objects' boxes
+MARGIN = 0  # min blank px to the image border
 _TRIES = 200
 
 
@@ -70,9 +79,18 @@ def _separated(box: tuple[int, ...], others: list[tuple[int, ...]]) -> bool:
     )
 
 
+def _grid_offset(extent: int, rng: np.random.Generator, size: int = 1) -> np.ndarray:
+    """Random multiples of GRID in [MARGIN, IMAGE_SIZE - MARGIN - extent]."""
+    lo = -(-MARGIN // GRID)
+    hi = (IMAGE_SIZE - MARGIN - extent) // GRID
+    if hi < lo:
+        raise ValueError(f"{extent} px do not fit in a {IMAGE_SIZE}px image")
+    return GRID * rng.integers(lo, hi + 1, size=size)
+
+
 def _random_box(size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    x0, y0 = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - size + 1, size=2)
-    return int(x0), int(y0), int(x0 + size), int(y0 + size)
+    x0, y0 = (int(v) for v in _grid_offset(size, rng, 2))
+    return x0, y0, x0 + size, y0 + size
 
 
 def _scatter(sizes: list[int], rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
@@ -89,35 +107,35 @@ def _scatter(sizes: list[int], rng: np.random.Generator) -> list[tuple[int, int,
                 break
         if len(boxes) == len(sizes):
             return boxes
-        sizes = [max(s - 1, SIZE_RANGE[0]) for s in sizes]
+        sizes = [min(SIZES)] * len(sizes)
     raise RuntimeError(f"cannot place {len(sizes)} objects in a {IMAGE_SIZE}px image")
 
 
 def _place_pair(
     s_ref: int, s_obj: int, rel: str, rng: np.random.Generator
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """Boxes (reference, object) with the object ``rel`` of the reference, with margin."""
+    """Grid boxes (reference, object) with the object ``rel`` of the reference, with margin:
+    GenEval's relation holds, the normalised offset along its axis is >= 0.8 and across
+    it the centres differ by <= 2 px."""
+    axis = 0 if rel in ("left of", "right of") else 1
+    offsets = range(-(-MARGIN // GRID) * GRID, IMAGE_SIZE - MARGIN - s_obj + 1, GRID)
     for _ in range(_TRIES):
-        # work along x ("left of"/"right of"), then transpose for "above"/"below"
-        sep = int(rng.integers(GAP, IMAGE_SIZE - 2 * MARGIN - s_ref - s_obj + 1))
-        perp = int(rng.integers(-2, 3))  # centre offset across the axis, in px
-        span = s_ref + sep + s_obj
-        lo = int(rng.integers(MARGIN, IMAGE_SIZE - MARGIN - span + 1))
-        first, second = (s_obj, s_ref) if rel in ("left of", "above") else (s_ref, s_obj)
-        a0, b0 = lo, lo + first + sep  # main-axis starts of the first and second object
-        c_mid = int(rng.integers(MARGIN + 6, IMAGE_SIZE - MARGIN - 6 + 1))
-        ca, cb = c_mid - perp // 2, c_mid + perp - perp // 2  # cross-axis centres
-
-        def box(m0: int, c: int, s: int) -> tuple[int, int, int, int]:
-            c0 = min(max(c - s // 2, MARGIN), IMAGE_SIZE - MARGIN - s)
-            return (m0, c0, m0 + s, c0 + s)
-
-        box1, box2 = box(a0, ca, first), box(b0, cb, second)
-        if rel in ("above", "below"):
-            box1, box2 = (box1[1], box1[0], box1[3], box1[2]), (box2[1], box2[0], box2[3], box2[2])
-        ref, obj = (box2, box1) if rel in ("left of", "above") else (box1, box2)
-        if relative_position(obj, ref) == {rel} and _margin_ok(obj, ref, rel):
-            return ref, obj
+        ref = _random_box(s_ref, rng)
+        ok = []
+        for x0 in offsets:
+            for y0 in offsets:
+                obj = (x0, y0, x0 + s_obj, y0 + s_obj)
+                # centres (doubled) across the relation's axis differ by <= 2 px
+                if abs((ref[1 - axis] + ref[3 - axis]) - (obj[1 - axis] + obj[3 - axis])) > 4:
+                    continue
+                if (
+                    _separated(obj, [ref])
+                    and relative_position(obj, ref) == {rel}
+                    and _margin_ok(obj, ref, rel)
+                ):
+                    ok.append(obj)
+        if ok:
+            return ref, ok[int(rng.integers(len(ok)))]
     raise RuntimeError(f"cannot place a pair {rel!r}")  # pragma: no cover
 
 
@@ -139,8 +157,8 @@ def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
         for item in items
         for _ in range(int(item["count"]))
     ]
-    lo, hi = SIZE_RANGE if len(objs) <= 2 else SIZE_RANGE_CROWDED
-    sizes = [int(s) for s in rng.integers(lo, hi + 1, size=len(objs))]
+    choices = SIZES if len(objs) <= 2 else SIZES_CROWDED
+    sizes = [int(choices[i]) for i in rng.integers(len(choices), size=len(objs))]
     rel_items = [i for i, item in enumerate(items) if "position" in item]
     if rel_items:
         # GenEval position records: two single objects, include[1] relative to include[0]
@@ -173,8 +191,7 @@ def draw_text(text: str, rng: np.random.Generator) -> np.ndarray:
     h, w = m.shape
     if h + 2 * MARGIN > IMAGE_SIZE or w + 2 * MARGIN > IMAGE_SIZE:
         raise ValueError(f"text {text!r} does not fit in {IMAGE_SIZE}px")
-    y0 = int(rng.integers(MARGIN, IMAGE_SIZE - MARGIN - h + 1))
-    x0 = int(rng.integers(MARGIN, IMAGE_SIZE - MARGIN - w + 1))
+    y0, x0 = int(_grid_offset(h, rng)[0]), int(_grid_offset(w, rng)[0])
     img = np.empty((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     img[:] = np.array(BACKGROUND, dtype=np.float32)[:, None, None]
     for ch, v in enumerate(INK):
