@@ -14,8 +14,8 @@ from flowopd.paths import EMBEDDED_MODEL
 from flowopd.recipes.pretrain import EMBEDDED_ARCH
 from flowopd.world.prompts import make_records
 
-# 60 GenEval-like prompts (10 per category) and 20 OCR prompts, 40-step ODE, CFG 4.5
-SETTINGS = EvalSettings(steps=40, guidance_scale=4.5, n=60, seed=0, batch_size=40)
+# 60 GenEval-like prompts (10 per category) and 60 OCR prompts, 40-step ODE, the model's CFG
+SETTINGS = EvalSettings(steps=40, guidance_scale=None, n=60, seed=0, batch_size=60)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_shipped_files_are_small_safetensors_with_provenance():
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     meta = json.loads((EMBEDDED_MODEL / "flowopd.json").read_text())
     assert meta["kind"] == "flowopd-embedded" and meta["seed"] == 0 and meta["steps"] > 0
+    assert meta["guidance_scale"] == 3.0  # its default CFG for sampling and evaluation
 
 
 def test_shipped_tokenizer_keeps_every_world_prompt_whole(shipped):
@@ -42,9 +43,12 @@ def test_shipped_tokenizer_keeps_every_world_prompt_whole(shipped):
 def test_shipped_model_follows_prompts_far_better_than_untrained(shipped):
     torch.manual_seed(0)
     untrained = SD3Model(build_tiny_sd3_pipeline(EMBEDDED_ARCH, seed=0), max_sequence_length=1)
+    assert shipped.default_guidance_scale == 3.0
     ours = evaluate(shipped, "toy-geneval,toy-ocr", SETTINGS).metrics
     rand = evaluate(untrained, "toy-geneval,toy-ocr", SETTINGS).metrics
     # an untrained network draws noise: nothing is detected, nothing is read
     assert rand["toy-geneval"]["overall"] <= 0.05 and rand["toy-ocr"]["overall"] <= 0.05
-    assert ours["toy-geneval"]["overall"] >= 0.30, ours
-    assert ours["toy-ocr"]["overall"] >= 0.15, ours
+    # measured on these prompts: toy-geneval 0.450, toy-ocr 0.647 (a 360-prompt GenEval eval
+    # gives 0.325); the floors leave room for float differences between machines
+    assert ours["toy-geneval"]["overall"] >= 0.25, ours
+    assert ours["toy-ocr"]["overall"] >= 0.5, ours

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--benchmark", default="toy-geneval,toy-ocr,toy-quality",
                    help="comma list: toy-geneval, toy-ocr, toy-quality, geneval=PATH, ocr=PATH")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="ODE steps (default 40)")
-    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (default: the model's own, from its flowopd.json; else 4.5)")  # fmt: skip
     p.add_argument("--n", type=int, default=None, help="prompts per benchmark")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)

@@ -30,6 +30,8 @@ def register(sub) -> None:
         help="share of OCR prompts per batch (default 0.3)",
     )
     p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 200)")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=None,
+                   help="CFG scale saved as the model's default for sampling (default 3.0)")  # fmt: skip
     p.set_defaults(handler=run)
 
 
@@ -50,7 +52,16 @@ def run(args: argparse.Namespace) -> int:
                 f"--init '{args.init}' is not a saved model directory (no model_index.json)"
             )
         cfg.init = args.init
-    for key in ("steps", "minutes", "batch_size", "lr", "save_every", "ocr_fraction", "warmup"):
+    for key in (
+        "steps",
+        "minutes",
+        "batch_size",
+        "lr",
+        "save_every",
+        "ocr_fraction",
+        "warmup",
+        "guidance_scale",
+    ):
         val = getattr(args, key)
         if val is not None:
             if val <= 0:

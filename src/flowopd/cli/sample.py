@@ -20,7 +20,8 @@ def register(sub) -> None:
         help="LoRA dir (diffusers format); repeatable, weights summed",
     )
     p.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
-    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (default 4.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (default: the model's own, from its flowopd.json; else 4.5)")  # fmt: skip
     p.add_argument("--kind", default="ode", choices=["ode", "sde", "cps"])
     p.add_argument("--noise-level", type=float, default=0.7)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     gen = torch.Generator().manual_seed(args.seed)
     res = sample(model, prompts, args.steps, kind=args.kind, noise_level=args.noise_level,
-                 guidance_scale=args.guidance, generator=gen, resolution=args.resolution, record=False)  # fmt: skip
+                 guidance_scale=model.default_guidance_scale if args.guidance is None else args.guidance, generator=gen, resolution=args.resolution, record=False)  # fmt: skip
     for i, (prompt, image) in enumerate(zip(prompts, res.images, strict=True)):
         path = out / f"{i:04d}_{_slug(prompt)}.png"
         save_png(image, path)

@@ -31,7 +31,7 @@ EVAL_SEED = 1234  # the fixed prompt draw of the toy test splits
 @dataclass
 class EvalSettings:
     steps: int = 40
-    guidance_scale: float = 4.5
+    guidance_scale: float | None = None  # None: the model's default_guidance_scale
     n: int | None = None  # prompts per benchmark (None: each benchmark's default)
     seed: int = 0
     batch_size: int = 32
@@ -89,11 +89,14 @@ def generate(model: FlowModel, prompts: Sequence[str], settings: EvalSettings) -
     """Images for prompts with the deterministic ODE sampler: (N, 3, H, W) in [0, 1].
 
     Image i's initial noise depends only on (seed, i), so results do not depend on the
-    batch size.
+    batch size. CFG: ``settings.guidance_scale``, or the model's default when None.
     """
     from flowopd.sampling import sample
 
     shape = model.latent_shape()
+    guidance = settings.guidance_scale
+    if guidance is None:
+        guidance = getattr(model, "default_guidance_scale", 4.5)
     out = []
     for start in range(0, len(prompts), settings.batch_size):
         chunk = list(prompts[start : start + settings.batch_size])
@@ -106,7 +109,7 @@ def generate(model: FlowModel, prompts: Sequence[str], settings: EvalSettings) -
                 for i in range(len(chunk))
             ]
         )
-        res = sample(model, chunk, settings.steps, kind="ode", guidance_scale=settings.guidance_scale,
+        res = sample(model, chunk, settings.steps, kind="ode", guidance_scale=guidance,
                      latents=noise, record=False)  # fmt: skip
         out.append(res.images.cpu())
     return torch.cat(out)

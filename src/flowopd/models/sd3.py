@@ -72,8 +72,12 @@ class SD3Model:
         gradient_checkpointing: bool = False,
         compile: bool = False,
         offload_text_encoders: bool = False,
+        default_guidance_scale: float = 4.5,
     ) -> None:
         self.pipe = pipe
+        # the CFG scale that sampling and evaluation use when none is given: the model
+        # directory's flowopd.json "guidance_scale", else 4.5 (SD3.5's usual setting)
+        self.default_guidance_scale = float(default_guidance_scale)
         self.path = path
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
@@ -173,6 +177,7 @@ class SD3Model:
             pipe, device=device, dtype=dtype, max_sequence_length=msl, path=str(path),
             gradient_checkpointing=gradient_checkpointing, compile=compile,
             offload_text_encoders=offload_text_encoders,
+            default_guidance_scale=float(meta.get("guidance_scale", 4.5)),
         )  # fmt: skip
 
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
@@ -182,7 +187,11 @@ class SD3Model:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
-            info = {"max_sequence_length": self.max_sequence_length, **(meta or {})}
+            info = {
+                "max_sequence_length": self.max_sequence_length,
+                "guidance_scale": self.default_guidance_scale,
+                **(meta or {}),
+            }
             (tmp / FLOWOPD_META).write_text(json.dumps(info, indent=2))
             if path.exists():
                 shutil.rmtree(path)

@@ -51,7 +51,9 @@ class PipelineEval:
     )
     n: int | None = _help("Prompts per benchmark (null: each benchmark's default).", None)
     steps: int = _help("ODE steps (40 as in the papers).", 40)
-    guidance_scale: float = _help("CFG scale at evaluation.", 4.5)
+    guidance_scale: float | None = _help(
+        "CFG scale at evaluation; null = the model's own (its flowopd.json, else 4.5).", None
+    )
     batch_size: int = _help("Evaluation batch.", 60)
     seed: int = _help("Noise seed of the evaluation.", 0)
 

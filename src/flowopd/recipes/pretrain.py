@@ -58,6 +58,9 @@ class PretrainConfig:
     log_every: int = 100
     save_every: int = 0  # also save EMA snapshots as OUT-stepN directories (0: only at the end)
     init: str = ""  # continue from a saved embedded model (a second, curriculum stage)
+    # CFG scale recorded as the model's default for sampling and evaluation (flowopd.json);
+    # 3.0 was the best of a sweep over 1-6 for the shipped model (README)
+    guidance_scale: float = 3.0
     arch: TinySD3Config = field(default_factory=lambda: EMBEDDED_ARCH)
 
 
@@ -89,7 +92,8 @@ def _save_snapshot(pipe, params, ema, path: str, meta: dict) -> None:
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
-    SD3Model(pipe, max_sequence_length=1).save_pretrained(
+    guidance = meta.get("guidance_scale", 4.5)
+    SD3Model(pipe, max_sequence_length=1, default_guidance_scale=guidance).save_pretrained(
         path, meta={"kind": "flowopd-embedded", **meta}
     )
     with torch.no_grad():
@@ -166,7 +170,11 @@ def pretrain(cfg: PretrainConfig, log=None):
             )
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             _save_snapshot(
-                pipe, params, ema, f"{cfg.out}-step{step}", {"steps": step, "seed": cfg.seed}
+                pipe,
+                params,
+                ema,
+                f"{cfg.out}-step{step}",
+                {"steps": step, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale},
             )
         if (time.time() - start) / 60 > cfg.minutes:
             log(f"time cap of {cfg.minutes} min reached at step {step}")
@@ -177,7 +185,7 @@ def pretrain(cfg: PretrainConfig, log=None):
     for m in modules:
         m.eval()
         m.requires_grad_(False)
-    model = SD3Model(pipe, max_sequence_length=1)
+    model = SD3Model(pipe, max_sequence_length=1, default_guidance_scale=cfg.guidance_scale)
     meta = {
         "kind": "flowopd-embedded",
         "steps": step,
