@@ -8,9 +8,9 @@ objects the prompt leaves uncoloured; text is placed at a random offset. Edges a
 Everything sits on a 4 px grid (``GRID``): box corners, sizes and text offsets are
 multiples of 4, the embedded model's patch size. Each image token then covers a whole
 cell of one object (a disc quadrant, a triangle edge, two by two font cells) instead of
-any of 16 sub-patch phases, which is what lets a 2.3M-parameter model draw shapes and
-glyphs crisply enough to be read after an hour of CPU training. Positions, counts,
-relations and colours keep all their variety.
+any of 16 sub-patch phases. Measured at equal steps: pretraining loss 0.049 against 0.089
+off the grid at step 1,500; the shipped base scores toy-OCR 0.65 (README).
+Positions, counts, relations and colours keep all their variety.
 
 Layout guarantees, which the exact scorers rely on:
 - objects never overlap and are separated by >= 4 px (one grid cell) and lie inside the
