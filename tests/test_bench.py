@@ -34,3 +34,16 @@ def test_full_size_bench_runs_at_tiny_size(tmp_path, capsys):
     assert r["ratio_mean_abs_err"] < 1e-6  # collection and re-scoring agree before the update
     assert r["predicted"]["sample_s"] > 0
     assert "MFU n/a" in capsys.readouterr().out
+
+
+def test_score_overlap_bench_gives_the_same_scores(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "score_overlap", REPO / "bench" / "score_overlap.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.main(["--reward", "toy_ocr", "--prompts", "2", "--group", "2", "--batch", "2",
+                    "--repeats", "1", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert r["images"] == 4 and r["same_scores"] is True
+    assert r["seconds"]["sequential"] > 0 and r["seconds"]["overlapped"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["speedup"] == r["speedup"]
