@@ -4,7 +4,8 @@ Collects one GRPO epoch of rollouts (``--prompts`` x ``--group`` images, 10-step
 batches of ``--batch``) from the embedded model twice per repeat:
 
     sequential  collect_rollouts(...), then reward(all images)      (the old order)
-    overlapped  collect_rollouts(..., reward=reward)                  (what the recipes do)
+    overlapped  collect_rollouts(..., reward=reward, overlap=True)    (the recipes' default
+                                                                      on a GPU)
 
 and reports the median wall time of each and their ratio, with the machine. The default
 reward is the real OCR reward (``ocr``: RapidOCR, ONNX, a worker pool), whose own
@@ -52,11 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
               batch_size=args.batch, seed=0, epoch=0)  # fmt: skip
 
     def sequential() -> torch.Tensor:
-        ro = collect_rollouts(model, records, 0, args.group, **kw)
+        ro = collect_rollouts(model, records, 0, args.group, overlap=False, **kw)
         return reward(ro.images, ro.prompts, ro.records)
 
     def overlapped() -> torch.Tensor:
-        return collect_rollouts(model, records, 0, args.group, reward=reward, **kw).rewards
+        ro = collect_rollouts(model, records, 0, args.group, reward=reward, overlap=True, **kw)
+        return ro.rewards
 
     times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
     scores = {}

@@ -23,7 +23,9 @@ def test_batchwise_scores_equal_scoring_the_whole_epoch(tiny_model):
         calls.append((len(prompts), threading.current_thread().name))
         return toy_quality_reward(images, prompts, metadata)
 
-    ro = collect_rollouts(tiny_model, records, 0, 4, batch_size=5, reward=reward, **KW)
+    ro = collect_rollouts(
+        tiny_model, records, 0, 4, batch_size=5, reward=reward, overlap=True, **KW
+    )
     # 12 samples in batches of 5, 5, 2, each scored off the main thread as it was decoded
     assert [n for n, _ in calls] == [5, 5, 2]
     assert all(name.startswith("flowopd-reward") for _, name in calls)
@@ -31,6 +33,12 @@ def test_batchwise_scores_equal_scoring_the_whole_epoch(tiny_model):
     assert ro.rewards.shape == (12,) and ro.rewards.dtype == torch.float32
     torch.testing.assert_close(ro.rewards, whole)
     assert ro.score_wait >= 0.0
+    # on the CPU the default scores each batch in line (same scores, no thread)
+    calls.clear()
+    inline = collect_rollouts(tiny_model, records, 0, 4, batch_size=5, reward=reward, **KW)
+    assert [n for n, _ in calls] == [5, 5, 2]
+    assert all(name == threading.main_thread().name for _, name in calls)
+    torch.testing.assert_close(inline.rewards, ro.rewards)
     # without a reward nothing is scored
     assert collect_rollouts(tiny_model, records, 0, 4, batch_size=5, **KW).rewards is None
 
