@@ -32,7 +32,7 @@ def test_batchwise_scores_equal_scoring_the_whole_epoch(tiny_model):
     whole = toy_quality_reward(ro.images, ro.prompts, ro.records)
     assert ro.rewards.shape == (12,) and ro.rewards.dtype == torch.float32
     torch.testing.assert_close(ro.rewards, whole)
-    assert ro.score_wait >= 0.0
+    assert ro.score_seconds >= 0.0
     # on the CPU the default scores each batch in line (same scores, no thread)
     calls.clear()
     inline = collect_rollouts(tiny_model, records, 0, 4, batch_size=5, reward=reward, **KW)

@@ -101,7 +101,8 @@ class Rollouts:
     records/prompts: per sample; group_ids: (N,) global prompt index; cond: N rows;
     trajectory: as ``sampling.Trajectory``; images (N, 3, H, W); rewards (N,) float32 when
     ``collect_rollouts`` was given a reward (scored batch by batch, overlapping sampling),
-    else None; score_wait: seconds spent waiting for scores after the last batch.
+    else None; score_seconds: time this thread spent scoring (in-line scoring, or the wait
+    for the overlapped scores after the last batch), so recipes can split sample/score time.
     """
 
     records: list[dict]
@@ -112,7 +113,7 @@ class Rollouts:
     images: Tensor
     latents: Tensor
     rewards: Tensor | None = None
-    score_wait: float = 0.0
+    score_seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -163,6 +164,8 @@ def collect_rollouts(
     cond = cond_unique.repeat_interleave(group_size)
     outs: list[SampleOutput] = []
     futures: list[Future[Tensor]] = []
+    scores: list[Tensor] = []
+    score_seconds = 0.0
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
         gens = [
@@ -182,15 +185,14 @@ def collect_rollouts(
             if overlap:
                 futures.append(submit_reward(reward, out.images, texts, meta))
             else:
-                done: Future[Tensor] = Future()
-                done.set_result(reward(out.images, texts, meta))
-                futures.append(done)
+                t_score = time.time()
+                scores.append(reward(out.images, texts, meta))
+                score_seconds += time.time() - t_score
     t_wait = time.time()
     rewards = None
     if reward is not None:
-        rewards = torch.cat(
-            [torch.as_tensor(f.result()).float().cpu().reshape(-1) for f in futures]
-        )
+        scores += [f.result() for f in futures]
+        rewards = torch.cat([torch.as_tensor(r).float().cpu().reshape(-1) for r in scores])
         if rewards.shape != (n,):
             raise ValueError(f"reward returned {tuple(rewards.shape)} scores for {n} samples")
     return Rollouts(
@@ -202,7 +204,7 @@ def collect_rollouts(
         images=torch.cat([o.images for o in outs]),
         latents=torch.cat([o.latents for o in outs]),
         rewards=rewards,
-        score_wait=time.time() - t_wait,
+        score_seconds=score_seconds + time.time() - t_wait,
     )
 
 

@@ -156,10 +156,10 @@ def train_crd(cfg: CRDConfig) -> Run:
                 seed=t.seed, epoch=epoch, record=False,
                 reward=rewards[d],  # scored batch by batch while the next batch samples
             )  # fmt: skip
-        t_sample = time.time() - t0 - ro.score_wait
+        t_sample = time.time() - t0 - ro.score_seconds
 
         # 3. rewards -> group advantages over the whole (gathered) epoch -> targets in [0, 1]
-        t1 = time.time() - ro.score_wait  # scoring time = the wait after the last batch
+        t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
         local_r = ro.rewards
         all_r = dist.gather_cat(local_r)
         all_g = dist.gather_cat(ro.group_ids)
