@@ -571,9 +571,21 @@ DEVICES: dict[str, DeviceSpec] = {
     "l40s": DeviceSpec("NVIDIA L40S 48GB", {"bfloat16": 362.0, "float16": 362.0, "float32": 91.6}, 48.0),
 }  # fmt: skip
 
-# Fraction of the peak a well-fed MMDiT step reaches: an assumption, not a measurement
-# (public SD3/FLUX training reports sit around 0.3-0.5 on H100 in bf16).
+# Fraction of a GPU's datasheet peak flowopd's own GRPO step reaches, measured on one
+# H100 80GB HBM3 (bf16, SD3.5-Medium size with random weights, 512 px, CFG, LoRA r=32,
+# torch 2.11; bench/results/sd35m_h100_*.json, `python bench/full_size.py --size full`):
+# sampling 0.18-0.19, a training step 0.13 (0.10-0.12 with gradient checkpointing,
+# recomputation not counted). Tuned public SD3/FLUX training reports 0.3-0.5.
+GPU_MFU = 0.15
+# On a CPU the rate is a GEMM measured now x this fraction (fp32 MMDiT steps ran at
+# 0.4-0.77 of the GEMM rate on the 2-core dev machine, PERFORMANCE.md section 4).
 DEFAULT_MFU = 0.4
+
+
+def default_mfu(device: str) -> float:
+    """The MFU an estimate assumes on ``device`` ('cpu' or a GPU name of ``DEVICES``)."""
+    return DEFAULT_MFU if device == "cpu" else GPU_MFU
+
 
 # CUDA context, cuBLAS workspaces and allocator fragmentation, added to every GPU estimate.
 RUNTIME_OVERHEAD_BYTES = int(1.5 * GiB)
@@ -759,7 +771,7 @@ def estimate_run(
     device: str = "h100",
     gpus: int = 1,
     *,
-    mfu: float = DEFAULT_MFU,
+    mfu: float | None = None,
     arch: MMDiTArch | None = None,
     shape: PipelineShape | None = None,
     cpu_tflops: float | None = None,
@@ -775,7 +787,8 @@ def estimate_run(
         training = inner_epochs x images x trained_steps x rows x (F_train + F_ref) / R
 
     with rows = 2 under CFG, F_ref the KL reference forward (no LoRA) when beta_kl > 0,
-    R = peak x mfu (CPU: a GEMM measured now x mfu). Memory: frozen weights in the model
+    R = peak x mfu (CPU: a GEMM measured now x mfu; mfu None = ``default_mfu(device)``,
+    measured on an H100 for GPUs). Memory: frozen weights in the model
     dtype, VAE and text encoders in float32 (as the sd3 backend loads them; the text
     encoders only while encoding when offloaded), LoRA weights + grads + AdamW states
     (+ EMA) in float32, activations of one training micro-batch, the epoch's rollouts
@@ -811,6 +824,8 @@ def estimate_run(
             raise unknown("device", device, [*DEVICES, "cpu"])
         spec = DEVICES[device]
         peak, device_name, mem_cap = spec.peak(dtype), spec.name, spec.memory_gib
+    if mfu is None:
+        mfu = default_mfu(device)
     rate = peak * 1e12 * mfu
 
     # -- work per process ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from flowopd.perf import DEFAULT_MFU, DEVICES
+    from flowopd.perf import DEFAULT_MFU, DEVICES, GPU_MFU
 
     kinds = [*DEVICES, "cpu"]
     p = sub.add_parser(
@@ -29,8 +29,9 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--gpus", type=int, default=1, help="number of processes (one per GPU)")
     p.add_argument(
-        "--mfu", type=float, default=DEFAULT_MFU,
-        help=f"assumed achieved fraction of the peak (default {DEFAULT_MFU})",
+        "--mfu", type=float, default=None,
+        help=f"assumed achieved fraction of the peak (default: {GPU_MFU} on a GPU, as "
+        f"measured on an H100; {DEFAULT_MFU} of the measured GEMM rate on cpu)",
     )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the estimate as JSON here")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=4")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise unknown("algorithm", args.algo, ALGOS)
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
-    if not 0 < args.mfu <= 1:
+    if args.mfu is not None and not 0 < args.mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
     cfg = load_config(_load(ALGOS[args.algo][0]), args.config, list(args.overrides), validate=False)
     # the checks that need no data files (an estimate runs before the data is in place)

@@ -131,6 +131,10 @@ def gather_cat(tensor: Tensor) -> Tensor:
     if not _dist_ready() or dist.get_world_size() == 1:
         return tensor.detach().reshape(1) if tensor.dim() == 0 else tensor.detach()
     t = tensor.detach().contiguous()
+    home = t.device  # the result comes back here
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        # NCCL moves CUDA tensors only: rewards and advantages live on the CPU
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
     is_bool = t.dtype == torch.bool
     if is_bool:  # gloo has no bool collectives
         t = t.to(torch.uint8)
@@ -152,6 +156,7 @@ def gather_cat(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t)
     out = torch.stack(parts) if t.dim() == 0 else torch.cat(parts, 0)
+    out = out.to(home)
     return out.bool() if is_bool else out
 
 

@@ -90,7 +90,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
         all_r = dist.gather_cat(local_r)
         all_g = dist.gather_cat(ro.group_ids)
         adv_all = group_advantages(all_r, all_g, std=t.adv_std, clip=t.adv_clip)
-        adv = adv_all[rank * len(ro) : (rank + 1) * len(ro)]
+        adv = adv_all[rank * len(ro) : (rank + 1) * len(ro)].to(model.device)  # (N,)
         t_score = time.time() - t1
 
         # 4. train on the recorded steps

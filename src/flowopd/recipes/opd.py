@@ -130,9 +130,13 @@ def train_opd(cfg: OPDConfig) -> Run:
             local_r = torch.zeros(len(ro))
             for d in dataset_of.unique().tolist():
                 idx = (dataset_of == d).nonzero().flatten().tolist()
-                local_r[idx] = rewards[d](
-                    ro.images[idx], [ro.prompts[i] for i in idx], [ro.records[i] for i in idx]
-                ).float()
+                local_r[idx] = (
+                    rewards[d](
+                        ro.images[idx], [ro.prompts[i] for i in idx], [ro.records[i] for i in idx]
+                    )
+                    .float()
+                    .cpu()
+                )
         t_score = time.time() - t1
 
         # 4. distil on the recorded steps
