@@ -67,3 +67,36 @@ def test_wrong_number_of_scores_is_reported(tiny_model):
         collect_rollouts(
             tiny_model, records, 0, 2, batch_size=2, reward=lambda i, p, m: torch.zeros(1), **KW
         )
+
+
+def test_same_initial_noise_shares_x_T_within_a_group_only(tiny_model):
+    records = make_records("geneval", "train", 3, seed=0)
+    kw = dict(KW, num_steps=4)
+    shared = collect_rollouts(tiny_model, records, 5, 4, batch_size=5, same_initial_noise=True, **kw)
+    x_T = shared.trajectory.latents[:, 0].reshape(3, 4, -1)  # (prompts, G, C*h*w)
+    for g in range(3):  # one x_T per prompt ...
+        assert torch.equal(x_T[g], x_T[g, :1].expand_as(x_T[g]))
+    assert not torch.equal(x_T[0, 0], x_T[1, 0])  # ... a different one per prompt
+    # the SDE steps still differ per image, so the group's images differ
+    final = shared.trajectory.latents[:, -1].reshape(3, 4, -1)
+    assert (final[0, 1:] - final[0, :1]).abs().amax() > 1e-3
+    # it depends on the global prompt index, not the batch: the same as a lone prompt
+    alone = collect_rollouts(
+        tiny_model, records[1:2], 6, 4, batch_size=3, same_initial_noise=True, **kw
+    )
+    torch.testing.assert_close(alone.trajectory.latents, shared.trajectory.latents[4:8])
+    # off (Flow-GRPO): every image has its own x_T
+    own = collect_rollouts(tiny_model, records, 5, 4, batch_size=5, **kw)
+    assert not torch.equal(own.trajectory.latents[0, 0], own.trajectory.latents[1, 0])
+
+
+def test_same_initial_noise_needs_a_stochastic_sampler():
+    from flowopd.errors import UserError
+    from flowopd.recipes.crd_config import CRDSampleConfig
+    from flowopd.recipes.grpo_config import SampleConfig
+
+    SampleConfig(group_size=4, same_initial_noise=True).validate()  # sde: fine
+    with pytest.raises(UserError, match="same_initial_noise=true needs stochastic steps"):
+        SampleConfig(group_size=4, same_initial_noise=True, noise_level=0.0).validate()
+    with pytest.raises(UserError, match="identical images per group"):
+        CRDSampleConfig(group_size=4, same_initial_noise=True, kind="ode").validate()

@@ -315,6 +315,12 @@ class SampleConfig:
         (0, 5),
     )
     group_size: int = _help("Images per prompt G (the paper: 24; <= 12 was unstable).", 24)
+    same_initial_noise: bool = _help(
+        "All images of a prompt start from the same initial noise x_T (DanceGRPO), so the "
+        "reward differences within a group come only from the SDE steps, the actions the "
+        "policy gradient credits. Off: Flow-GRPO (one x_T per image).",
+        False,
+    )
     prompts_per_epoch: int = _help("Distinct prompts per epoch, over all processes.", 48)
     batch_size: int = _help("Sampling micro-batch (images) per process.", 24)
 
@@ -332,6 +338,12 @@ class SampleConfig:
             raise UserError(f"sample.prompts_per_epoch must be >= 1, got {self.prompts_per_epoch}")
         if self.batch_size < 1:
             raise UserError(f"sample.batch_size must be >= 1, got {self.batch_size}")
+        if self.same_initial_noise and (self.kind == "ode" or self.noise_level == 0):
+            raise UserError(
+                "sample.same_initial_noise=true needs stochastic steps (kind sde or cps, "
+                "noise_level > 0): with the same x_T a deterministic sampler gives identical "
+                "images per group"
+            )
         if self.sde_window_size < 0:
             raise UserError("sample.sde_window_size must be >= 0 (0 = off)")
         if self.sde_window_size:
