@@ -72,7 +72,9 @@ def test_wrong_number_of_scores_is_reported(tiny_model):
 def test_same_initial_noise_shares_x_T_within_a_group_only(tiny_model):
     records = make_records("geneval", "train", 3, seed=0)
     kw = dict(KW, num_steps=4)
-    shared = collect_rollouts(tiny_model, records, 5, 4, batch_size=5, same_initial_noise=True, **kw)
+    shared = collect_rollouts(
+        tiny_model, records, 5, 4, batch_size=5, same_initial_noise=True, **kw
+    )
     x_T = shared.trajectory.latents[:, 0].reshape(3, 4, -1)  # (prompts, G, C*h*w)
     for g in range(3):  # one x_T per prompt ...
         assert torch.equal(x_T[g], x_T[g, :1].expand_as(x_T[g]))
