@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -130,6 +131,28 @@ def summarize(curve: dict, tail: float = 0.2) -> dict:
     }
 
 
+def images_to_reach(curve: dict, target: float, k: int = 8) -> int | None:
+    """Sampled images at the first epoch whose trailing k-epoch mean reward is >= target
+    (the issue's "reaches GRPO's final training reward"); None if it never does."""
+    for i, v in enumerate(smooth(curve["reward_mean"], k)):
+        if i + 1 >= min(k, len(curve["reward_mean"])) and v >= target:
+            return int(curve["images"][i])
+    return None
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def smooth(y: list[float], k: int) -> np.ndarray:
     """Trailing moving average over k epochs (the first points average what exists)."""
     y = np.asarray(y, dtype=float)
@@ -200,14 +223,21 @@ def main(argv: list[str] | None = None) -> int:
                 train(a, configs[a], overrides[a], out / a, plans[a]["epochs"], args.resume), 1
             )
     curves = {a: read_curve(out / a, args.budget_images) for a in ALGOS}
+    summary = {a: summarize(curves[a]) for a in ALGOS}
+    if summary["grpo"]:
+        target = summary["grpo"]["reward_final"]
+        summary["crd"]["images_to_grpo_final"] = images_to_reach(curves["crd"], target)
     result = {
+        "machine": machine(),
         "budget_images": args.budget_images,
         "runs": {a: {**plans[a], "out": str(out / a), "overrides": overrides[a]} for a in ALGOS},
         "curves": curves,
-        "summary": {a: summarize(curves[a]) for a in ALGOS},
+        "summary": summary,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grpo_vs_crd.json").write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out / ".grpo_vs_crd.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "grpo_vs_crd.json")
     plot(curves, out / "grpo_vs_crd.png", args.budget_images)
     for a in ALGOS:
         print(a, json.dumps(result["summary"][a]))

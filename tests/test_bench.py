@@ -47,3 +47,18 @@ def test_score_overlap_bench_gives_the_same_scores(tmp_path):
     assert r["images"] == 4 and r["same_scores"] is True
     assert r["seconds"]["sequential"] > 0 and r["seconds"]["overlapped"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["speedup"] == r["speedup"]
+
+
+def test_grpo_vs_crd_images_to_reach_uses_the_trailing_mean():
+    spec = importlib.util.spec_from_file_location(
+        "grpo_vs_crd", REPO / "bench" / "grpo_vs_crd.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    curve = {"images": [64, 128, 192, 256, 320], "reward_mean": [0.9, 0.1, 0.5, 0.5, 0.7]}
+    # trailing means over k=2: (0.9), 0.5, 0.3, 0.5, 0.6 -> the first full window >= 0.5 is
+    # at epoch 2 (128 images); a lone first epoch of 0.9 does not count
+    assert mod.images_to_reach(curve, 0.5, k=2) == 128
+    assert mod.images_to_reach(curve, 0.55, k=2) == 320
+    assert mod.images_to_reach(curve, 0.8, k=2) is None
+    assert set(mod.machine()) >= {"platform", "cpu_count", "torch_threads"}
