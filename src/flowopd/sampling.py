@@ -105,6 +105,7 @@ def sample(
     adapters: Sequence[str] | None = None,
     decode: bool = True,
     record: bool = True,
+    noise_sign: Tensor | None = None,
 ) -> SampleOutput:
     """Sample images and their trajectory.
 
@@ -117,6 +118,9 @@ def sample(
         noise is independent of the batch it is in (used for process-count invariance).
     latents: optional initial noise (B, C, h, w); otherwise drawn from ``generator``.
     adapters: per-sample adapter names (e.g. sample from routed teachers), or None.
+    noise_sign: optional (B,) of +1 / -1 multiplying each row's step noise (not its
+        initial noise): two rows with equally seeded generators and opposite signs are an
+        antithetic pair (x_T shared, every SDE step's noise mirrored).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown sampler kind '{kind}'; choose one of {KINDS}")
@@ -138,6 +142,8 @@ def sample(
         v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
         if stochastic[i]:
             noise = randn(tuple(x.shape)).to(x.device)
+            if noise_sign is not None:
+                noise = noise * noise_sign.to(noise).view(-1, *([1] * (noise.dim() - 1)))
             out = step_fn(kind)(v, x, s, s_next, noise_level, sigma_max=sigma_max, noise=noise)
             x, lp, mean, std = out.prev_sample, out.log_prob, out.mean, float(out.std)
         else:

@@ -102,3 +102,32 @@ def test_same_initial_noise_needs_a_stochastic_sampler():
         SampleConfig(group_size=4, same_initial_noise=True, noise_level=0.0).validate()
     with pytest.raises(UserError, match="identical images per group"):
         CRDSampleConfig(group_size=4, same_initial_noise=True, kind="ode").validate()
+
+
+def test_antithetic_pairs_mirror_the_step_noise(tiny_model):
+    records = make_records("geneval", "train", 2, seed=0)
+    ro = collect_rollouts(
+        tiny_model, records, 0, 4, batch_size=3, antithetic=True, **dict(KW, num_steps=3)
+    )
+    t = ro.trajectory
+    for a in range(0, 8, 2):  # pairs (0, 1), (2, 3) of each group, across batch borders
+        b = a + 1
+        assert torch.equal(t.latents[a, 0], t.latents[b, 0])  # one x_T
+        # same state -> same step mean; the next states lie mirrored around it
+        torch.testing.assert_close(t.means[a, 0], t.means[b, 0])
+        torch.testing.assert_close(
+            t.latents[a, 1] + t.latents[b, 1], 2 * t.means[a, 0], atol=1e-5, rtol=0
+        )
+        assert (t.latents[a, 1] - t.latents[b, 1]).abs().amax() > 1e-2
+        # a mirrored sample is an ordinary sample of the policy: its log-prob is the same
+        torch.testing.assert_close(t.log_probs[a, 0], t.log_probs[b, 0])
+    assert not torch.equal(t.latents[0, 0], t.latents[2, 0])  # pairs differ from each other
+
+
+def test_antithetic_needs_an_even_group():
+    from flowopd.errors import UserError
+    from flowopd.recipes.grpo_config import SampleConfig
+
+    SampleConfig(group_size=4, antithetic=True).validate()
+    with pytest.raises(UserError, match="group_size must be even, got 5"):
+        SampleConfig(group_size=5, antithetic=True).validate()

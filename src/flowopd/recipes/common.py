@@ -138,6 +138,7 @@ def collect_rollouts(
     reward: Callable[[Tensor, list[str], list[dict]], Tensor] | None = None,
     overlap: bool | None = None,
     same_initial_noise: bool = False,
+    antithetic: bool = False,
 ) -> Rollouts:
     """Sample ``group_size`` images for each record with the active adapter (no grad).
 
@@ -151,6 +152,8 @@ def collect_rollouts(
     holds the scores in sample order (the same values as scoring the whole epoch at once).
     ``same_initial_noise`` starts every image of a prompt from one x_T, seeded by
     (seed, epoch, global prompt index) (DanceGRPO); the SDE noise stays per image.
+    ``antithetic`` pairs images 2k and 2k + 1 of a group (``group_size`` even): one x_T
+    and mirrored SDE noise, eps and -eps at every stochastic step.
     ``overlap`` hands each batch to :func:`submit_reward`, so scoring batch k runs while
     batch k + 1 samples; None (default) overlaps when the model is not on the CPU. On a
     CPU-only machine the two compete for the same cores: measured 0.90x on 2 cores with the
@@ -171,10 +174,15 @@ def collect_rollouts(
     score_seconds = 0.0
     for start in range(0, n, batch_size):
         rows = list(range(start, min(n, start + batch_size)))
+        # image k of a group draws from seed (.., k); antithetic pairs share seed k // 2
+        k_of = [(i % group_size) // 2 if antithetic else i % group_size for i in rows]
         gens = [
-            torch.Generator().manual_seed(seed_for(seed, epoch, int(group_ids[i]), i % group_size))
-            for i in rows
+            torch.Generator().manual_seed(seed_for(seed, epoch, int(group_ids[i]), k))
+            for i, k in zip(rows, k_of, strict=True)
         ]
+        sign = None
+        if antithetic:
+            sign = torch.tensor([1.0 - 2.0 * ((i % group_size) % 2) for i in rows])
         x_T = None
         if same_initial_noise:
             shape = model.latent_shape(None)
@@ -186,6 +194,7 @@ def collect_rollouts(
         out = sample(
             model, cond[rows], num_steps, kind=kind, noise_level=noise_level,
             guidance_scale=guidance_scale, generator=gens, sde_window=sde_window, latents=x_T,
+            noise_sign=sign,
             adapters=adapters_for([sample_records[i] for i in rows]) if adapters_for else None,
             record=record,
         )  # fmt: skip

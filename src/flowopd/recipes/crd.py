@@ -155,7 +155,7 @@ def train_crd(cfg: CRDConfig) -> Run:
                 noise_level=s.noise_level, guidance_scale=w_student, batch_size=s.batch_size,
                 seed=t.seed, epoch=epoch, record=False,
                 reward=rewards[d],  # scored batch by batch while the next batch samples
-                same_initial_noise=s.same_initial_noise,
+                same_initial_noise=s.same_initial_noise, antithetic=s.antithetic,
             )  # fmt: skip
         t_sample = time.time() - t0 - ro.score_seconds
 

@@ -81,7 +81,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             noise_level=s.noise_level, guidance_scale=cfg.model.guidance_scale,
             batch_size=s.batch_size, seed=t.seed, epoch=epoch, sde_window=window,
             reward=rewards[d],  # scored batch by batch while the next batch samples
-            same_initial_noise=s.same_initial_noise,
+            same_initial_noise=s.same_initial_noise, antithetic=s.antithetic,
         )  # fmt: skip
         t_sample = time.time() - t0 - ro.score_seconds
 

@@ -321,6 +321,12 @@ class SampleConfig:
         "policy gradient credits. Off: Flow-GRPO (one x_T per image).",
         False,
     )
+    antithetic: bool = _help(
+        "Images 2k and 2k + 1 of a group are an antithetic pair: one x_T and mirrored SDE "
+        "noise (eps, -eps), which cancels the even-order noise terms in the policy "
+        "gradient (as in evolution strategies). Needs an even group_size.",
+        False,
+    )
     prompts_per_epoch: int = _help("Distinct prompts per epoch, over all processes.", 48)
     batch_size: int = _help("Sampling micro-batch (images) per process.", 24)
 
@@ -343,6 +349,15 @@ class SampleConfig:
                 "sample.same_initial_noise=true needs stochastic steps (kind sde or cps, "
                 "noise_level > 0): with the same x_T a deterministic sampler gives identical "
                 "images per group"
+            )
+        if self.antithetic and (self.kind == "ode" or self.noise_level == 0):
+            raise UserError(
+                "sample.antithetic=true needs stochastic steps (kind sde or cps, noise_level > 0)"
+            )
+        if self.antithetic and self.group_size % 2:
+            raise UserError(
+                f"sample.antithetic=true pairs the images of a group: sample.group_size must "
+                f"be even, got {self.group_size}"
             )
         if self.sde_window_size < 0:
             raise UserError("sample.sde_window_size must be >= 0 (0 = off)")

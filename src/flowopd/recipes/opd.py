@@ -116,7 +116,7 @@ def train_opd(cfg: OPDConfig) -> Run:
             model, mine, rank * n_prompts, s.group_size, num_steps=s.num_steps, kind=s.kind,
             noise_level=s.noise_level, guidance_scale=cfg.model.guidance_scale,
             batch_size=s.batch_size, seed=t.seed, epoch=epoch, sde_window=window,
-            same_initial_noise=s.same_initial_noise,
+            same_initial_noise=s.same_initial_noise, antithetic=s.antithetic,
         )  # fmt: skip
         dataset_of = torch.tensor(which[rank * n_prompts : (rank + 1) * n_prompts])
         dataset_of = dataset_of.repeat_interleave(s.group_size)  # (N,)
