@@ -50,9 +50,7 @@ def test_score_overlap_bench_gives_the_same_scores(tmp_path):
 
 
 def test_grpo_vs_crd_images_to_reach_uses_the_trailing_mean():
-    spec = importlib.util.spec_from_file_location(
-        "grpo_vs_crd", REPO / "bench" / "grpo_vs_crd.py"
-    )
+    spec = importlib.util.spec_from_file_location("grpo_vs_crd", REPO / "bench" / "grpo_vs_crd.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     curve = {"images": [64, 128, 192, 256, 320], "reward_mean": [0.9, 0.1, 0.5, 0.5, 0.7]}
