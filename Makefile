@@ -23,12 +23,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not benchmark" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench scripts
+	$(BIN)/ruff check --fix src tests bench scripts
 
 # The Flow-OPD pipeline on the embedded model at a demo budget (report: runs/demo/report/index.html)
 demo: $(STAMP)

@@ -1,0 +1,49 @@
+"""scripts/parallel_runs.py: the jobs file and the log summary (the runs themselves are
+plain ``flowopd`` commands, tested elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location(
+        "parallel_runs", REPO / "scripts" / "parallel_runs.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_jobs_file_and_summary(tmp_path):
+    mod = _module()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(
+        "# sweep\n\na train grpo --config x.yaml train.lr=2e-3\nb train crd --config y\n"
+    )
+    assert mod.read_jobs(jobs) == [
+        ("a", "train grpo --config x.yaml train.lr=2e-3"),
+        ("b", "train crd --config y"),
+    ]
+    jobs.write_text("a train grpo\na train crd\n")
+    with pytest.raises(SystemExit, match="repeat"):
+        mod.read_jobs(jobs)
+
+    log = tmp_path / "log.jsonl"
+    rows = [
+        {"epoch": e, "reward_mean": 0.1 * e, "time/sample": 1.0, "time/train": 2.0}
+        for e in range(4)
+    ]
+    rows[3].update({"eval/toy-geneval": 0.5, "eval/toy-geneval/position": 0.1})
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lines = mod.summarize("a", "train grpo", log, 0, block=2)
+    assert lines[0] == "== a: train grpo  rc=0"
+    assert lines[1] == "   reward per 2 epochs: 0.050 0.250"  # (0 + .1) / 2, (.2 + .3) / 2
+    assert lines[2] == "   epochs 4, 3.00 s/epoch (sample+score+train)"
+    assert lines[3] == "   epoch 4: toy-geneval=0.500"  # categories left out
+    assert "no log.jsonl" in mod.summarize("b", "x", tmp_path / "none.jsonl", 2)[1]
