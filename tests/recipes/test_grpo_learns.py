@@ -7,7 +7,6 @@ the second. A sign error anywhere (advantages, ratio, loss, optimiser) swaps the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -45,7 +44,6 @@ def test_grpo_climbs_a_directional_reward(tmp_path, tiny_pixel_dir, monkeypatch)
     monkeypatch.setenv("FLOWOPD_NO_PROGRESS", "1")
     monkeypatch.setitem(REWARDS, "test_red", lambda: _redness)
     monkeypatch.setitem(REWARDS, "test_anti_red", lambda: lambda i, p, m: -_redness(i, p, m))
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     red = [r["reward_mean"] for r in _run(tmp_path, tiny_pixel_dir, "test_red")]
     anti = [-r["reward_mean"] for r in _run(tmp_path, tiny_pixel_dir, "test_anti_red")]
     # same seed: the first epoch samples the same images (redness equal, sign aside)
