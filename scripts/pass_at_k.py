@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from flowopd.cli.common import quiet_libraries
     from flowopd.eval.benchmarks import benchmark_records
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
     from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards.base import get_reward
 
+    quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(resolve_model_path(args.model), device=device, dtype="float32")
     if args.lora:
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     partial = get_reward("toy_geneval")(ro.images, ro.prompts, ro.records).view(len(recs), -1)
     strict = ro.rewards.view(len(recs), -1)
-    print(f"{args.kind}, {args.steps} steps, noise {args.noise}, CFG {cfg}, "
+    noise = "" if args.kind == "ode" else f", noise {args.noise}"
+    print(f"{args.kind}, {args.steps} steps{noise}, CFG {cfg}, "
           f"{len(recs)} prompts x {args.k} ({time.time() - t0:.0f} s)")  # fmt: skip
     print(
         f"{'category':14s} {'pass@1':>7s} {'pass@' + str(args.k):>7s} {'partial':>8s} {'varied':>7s}"
