@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
+    if args.k < 2 or args.n < 1 or args.steps < 1:
+        p.error("--k must be >= 2 (pass@k compares images of a prompt), --n and --steps >= 1")
 
     import torch
 
