@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -141,16 +140,12 @@ def images_to_reach(curve: dict, target: float, k: int = 8) -> int | None:
 
 
 def machine() -> dict:
-    """Where the numbers were measured."""
+    """Where the numbers were measured (the recipes run on CUDA when there is one)."""
     import torch
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
+    from flowopd.perf import machine_info
+
+    return machine_info("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def smooth(y: list[float], k: int) -> np.ndarray:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -78,22 +77,6 @@ def make_teachers(model_dir: Path, root: Path, device: str, rank: int) -> dict[s
     return out
 
 
-def machine(device: str) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    if hasattr(os, "getloadavg"):  # the machine may be shared: say how busy it was
-        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
-    return info
-
-
 def epoch_seconds(history: list[dict]) -> dict[str, list[float]]:
     """Per-epoch seconds (warm-up epoch dropped): total and each part."""
     rows = history[1:]
@@ -123,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
     from flowopd.cli.common import quiet_libraries
     from flowopd.config import load_config
+    from flowopd.perf import machine_info
     from flowopd.recipes.grpo import train_grpo
     from flowopd.recipes.grpo_config import GRPOConfig
     from flowopd.recipes.opd import train_opd
@@ -175,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(tmp, ignore_errors=True)  # the tiny model, teachers and runs
     med = {v: {k: statistics.median(x) for k, x in t.items()} for v, t in times.items()}
-    info = machine(args.device)
+    info = machine_info(args.device)
     g = med["grpo"]
     result = {
         "machine": info,

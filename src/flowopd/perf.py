@@ -587,6 +587,29 @@ def default_mfu(device: str) -> float:
     return DEFAULT_MFU if device == "cpu" else GPU_MFU
 
 
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """Where a benchmark ran: platform, python, torch and its threads, cores, the device
+    (and the GPU's name on CUDA) and the 1-minute load average (the machine may be shared)."""
+    import os
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
 # CUDA context, cuBLAS workspaces and allocator fragmentation, added to every GPU estimate.
 RUNTIME_OVERHEAD_BYTES = int(1.5 * GiB)
 

@@ -344,16 +344,14 @@ class SampleConfig:
             raise UserError(f"sample.prompts_per_epoch must be >= 1, got {self.prompts_per_epoch}")
         if self.batch_size < 1:
             raise UserError(f"sample.batch_size must be >= 1, got {self.batch_size}")
-        if self.same_initial_noise and (self.kind == "ode" or self.noise_level == 0):
-            raise UserError(
-                "sample.same_initial_noise=true needs stochastic steps (kind sde or cps, "
-                "noise_level > 0): with the same x_T a deterministic sampler gives identical "
-                "images per group"
-            )
-        if self.antithetic and (self.kind == "ode" or self.noise_level == 0):
-            raise UserError(
-                "sample.antithetic=true needs stochastic steps (kind sde or cps, noise_level > 0)"
-            )
+        deterministic = self.kind == "ode" or self.noise_level == 0
+        for name in ("same_initial_noise", "antithetic"):
+            if getattr(self, name) and deterministic:
+                raise UserError(
+                    f"sample.{name}=true needs stochastic steps (kind sde or cps, noise_level "
+                    "> 0): with a shared x_T a deterministic sampler gives identical images "
+                    "per group"
+                )
         if self.antithetic and self.group_size % 2:
             raise UserError(
                 f"sample.antithetic=true pairs the images of a group: sample.group_size must "
