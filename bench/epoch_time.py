@@ -10,9 +10,7 @@ prints the median per-phase time of the epochs after the first (warm-up) with th
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -50,20 +48,23 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    import torch
-
+    from flowopd.eval.report import write_json
     from flowopd.models.sd3 import SD3Model
     from flowopd.models.tiny import build_tiny_sd3_pipeline
     from flowopd.paths import default_model
+    from flowopd.perf import machine_info
 
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = machine_info("cpu")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = Path(tmp) / "tiny_sd3"
         SD3Model(build_tiny_sd3_pipeline(), max_sequence_length=8).save_pretrained(tiny)
         for name, path in [("embedded", default_model()), ("tiny-sd3", str(tiny))]:
             results[name] = _run(path, Path(tmp) / name, args.epochs)
-    print(f"machine: {machine}")
+    print(
+        f"machine: {machine['platform']}, {machine['cpu_count']} cores, "
+        f"torch {machine['torch']} ({machine['torch_threads']} threads)"
+    )
     print(
         f"{'model':<10} {'images':>7} {'sample s':>9} {'score s':>8} {'train s':>8} {'total s':>8}"
     )
@@ -72,7 +73,7 @@ def main() -> None:
             f"{name:<10} {r['images_per_epoch']:>7} {r['sample']:>9.2f} {r['score']:>8.2f} {r['train']:>8.2f} {r['total']:>8.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+        write_json(args.json, {"machine": machine, "results": results})
 
 
 if __name__ == "__main__":

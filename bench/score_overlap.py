@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -40,8 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from flowopd.eval.report import write_json
     from flowopd.models.sd3 import SD3Model
     from flowopd.paths import default_model
+    from flowopd.perf import machine_info
     from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards import get_reward
     from flowopd.world.prompts import make_records
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     same = bool(torch.allclose(scores["sequential"].float(), scores["overlapped"].float()))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
-        + f", {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "machine": machine_info("cpu"),
         "reward": args.reward,
         "images": args.prompts * args.group,
         "batch": args.batch,
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -97,15 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat([q.grad.reshape(-1) for q in params]).cpu()
 
     model.transformer.train()
-    pg = torch.stack([
-        torch.stack([
-            flat_grad(-(adv[rows] * rescore_step(
-                model, ro.trajectory[rows], j, ro.cond[rows], kind="sde",
-                noise_level=args.noise, guidance_scale=cfg)[0].log_prob).mean())
-            for j in steps
-        ])
-        for rows in (torch.arange(k * g, (k + 1) * g) for k in live)
-    ])  # fmt: skip  (groups, steps, P)
+    pg = torch.stack(
+        [
+            torch.stack(
+                [
+                    flat_grad(
+                        -(
+                            adv[rows]
+                            * rescore_step(
+                                model,
+                                ro.trajectory[rows],
+                                j,
+                                ro.cond[rows],
+                                kind="sde",
+                                noise_level=args.noise,
+                                guidance_scale=cfg,
+                            )[0].log_prob
+                        ).mean()
+                    )
+                    for j in steps
+                ]
+            )
+            for rows in (torch.arange(k * g, (k + 1) * g) for k in live)
+        ]
+    )  # fmt: skip  (groups, steps, P)
     result = {
         "machine": machine_info(device.type),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},

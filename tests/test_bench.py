@@ -45,6 +45,7 @@ def test_score_overlap_bench_gives_the_same_scores(tmp_path):
     r = bench.main(["--reward", "toy_ocr", "--prompts", "2", "--group", "2", "--batch", "2",
                     "--repeats", "1", "--json", str(tmp_path / "r.json")])  # fmt: skip
     assert r["images"] == 4 and r["same_scores"] is True
+    assert r["machine"]["cpu_count"] >= 1 and "torch_threads" in r["machine"]
     assert r["seconds"]["sequential"] > 0 and r["seconds"]["overlapped"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["speedup"] == r["speedup"]
 
