@@ -48,8 +48,58 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     assert "flow-opd" in html and "data:image/png;base64" in html
     assert (out / "report" / "reward_curves.png").is_file()
     assert (out / "cold_start" / "lora" / "merge.json").is_file()
+    claims = json.loads((out / "report" / "claims.json").read_text())
+    assert len(claims) == 8 and {c["passed"] for c in claims} <= {True, False, None}
+    assert claims[-1] == {"name": "MAR raises quality", "passed": None,
+                          "detail": "no MAR-off row (mar_ablation=true)"}  # fmt: skip
+    assert "[n/a ] MAR raises quality" in html and "claims:" in proc.stdout
     assert "report:" in proc.stdout
     # rerun: every stage is found finished and skipped, the table is the same
     again = run_cli("pipeline", str(cfg), timeout=600)
     assert again.stdout.count("done already") == 5
     assert json.loads((out / "report" / "table.json").read_text()) == rows
+
+
+def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monkeypatch, capsys):
+    """seeds=[...]: one pipeline per seed in out/seed_<s>/, then out/report/ over the seeds
+    (the stages themselves are replaced by a stub: the single-seed run is tested above)."""
+    from flowopd.cli import main
+    from flowopd.recipes import pipeline
+
+    calls = []
+
+    def fake_run(cfg, *, budget, log):
+        calls.append((cfg.seed, cfg.out, cfg.seeds, budget))
+        d = 0.1 * cfg.seed
+        rows = [
+            {"model": "base", "toy-geneval": 0.3, "toy-ocr": 0.6, "toy-quality": 0.9},
+            {"model": "teacher:geneval", "toy-geneval": 0.5 + d, "toy-ocr": 0.6, "toy-quality": 0.9},
+        ]  # fmt: skip
+        for r in rows:
+            r["average"] = round((r["toy-geneval"] + r["toy-ocr"] + r["toy-quality"]) / 3, 4)
+        (Path(cfg.out) / "report").mkdir(parents=True)
+        (Path(cfg.out) / "report" / "reward_curves.png").write_bytes(b"\x89PNG fake")
+        return rows
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    cfg = _pipeline_yaml(tmp_path, tmp_path / "model")
+    assert main(["pipeline", str(cfg), "seeds=[0, 1, 2]", "--budget", "demo"]) == 0
+    out = tmp_path / "run"
+    assert calls == [(s, str(out / f"seed_{s}"), [], "demo") for s in (0, 1, 2)]
+    rows = json.loads((out / "report" / "table.json").read_text())
+    teacher = rows[1]
+    assert teacher["model"] == "teacher:geneval"
+    assert teacher["toy-geneval"] == 0.6  # mean of 0.5, 0.6, 0.7
+    assert abs(teacher["std"]["toy-geneval"] - 0.1) < 1e-9  # sample std of 0.5, 0.6, 0.7
+    assert teacher["std"]["toy-ocr"] == 0.0
+    assert teacher["seeds"]["2"]["toy-geneval"] == 0.7
+    claims = {c["name"]: c for c in json.loads((out / "report" / "claims.json").read_text())}
+    assert claims["seesaw, teacher:geneval"]["passed"] is True  # +0.30 over the base
+    assert claims["flow-opd has the best average"]["passed"] is None
+    html = (out / "report" / "index.html").read_text()
+    assert "0.600 &plusmn; 0.100" in html and "seed 2: training reward" in html
+    printed = capsys.readouterr().out
+    assert "0.600 +- 0.100" in printed and "[PASS] seesaw, teacher:geneval" in printed
+    # a repeated seed is a one-line user error
+    assert main(["pipeline", str(cfg), "seeds=[1, 1]"]) == 2
+    assert "seeds repeat a value" in capsys.readouterr().err

@@ -20,22 +20,27 @@ def run(args: argparse.Namespace) -> int:
 
     from flowopd.config import load_config
     from flowopd.engine.distributed import shutdown
-    from flowopd.recipes.pipeline import run_pipeline
+    from flowopd.eval.claims import check_claims
+    from flowopd.recipes.pipeline import run_seeds
     from flowopd.recipes.pipeline_config import PipelineConfig
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     cfg = load_config(PipelineConfig, args.config, overrides)
     t0 = time.time()
     try:
-        rows = run_pipeline(cfg, budget=args.budget)
+        rows = run_seeds(cfg, budget=args.budget)
     finally:
         shutdown()
-    cols = [c for c in rows[0] if c != "model"] if rows else []
-    print(f"\n{'model':<22}" + "".join(f"{c:>14}" for c in cols))
+    cols = [*cfg.eval.benchmarks, "average"]
+    seeds = f" (mean +- std over seeds {cfg.seeds})" if cfg.seeds else ""
+    print(f"\n{'model':<22}" + "".join(f"{c:>18}" for c in cols) + seeds)
     for r in rows:
-        print(
-            f"{r['model']:<22}"
-            + "".join(f"{r[c]:>14.3f}" if r[c] is not None else f"{'-':>14}" for c in cols)
-        )
+        cells = []
+        for c in cols:
+            v, e = r.get(c), (r.get("std") or {}).get(c)
+            txt = "-" if v is None else f"{v:.3f}" if e is None else f"{v:.3f} +- {e:.3f}"
+            cells.append(f"{txt:>18}")
+        print(f"{r['model']:<22}" + "".join(cells))
+    print("\nclaims:\n" + "\n".join(c.line() for c in check_claims(rows, cfg.eval.benchmarks)))
     print(f"\nreport: {cfg.out}/report/index.html  ({(time.time() - t0) / 60:.1f} min)")
     return 0

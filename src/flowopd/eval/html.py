@@ -101,7 +101,9 @@ def write_html(
                 cells.append("<td>–</td>")
             else:
                 b = " class=best" if v == best.get(c) else ""
-                cells.append(f"<td{b}>{v:.3f}</td>")
+                err = (r.get("std") or {}).get(c)  # multi-seed rows: mean +- std
+                txt = f"{v:.3f}" if err is None else f"{v:.3f} &plusmn; {err:.3f}"
+                cells.append(f"<td{b}>{txt}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     figs = "".join(
         f"<figure>{_img(p)}<figcaption>{html.escape(name)}</figcaption></figure>"

@@ -14,8 +14,10 @@ stopped (training stages themselves resume from their last checkpoint).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -45,6 +47,81 @@ def _stage_overrides(
     if budget == "demo":
         extra += cfg.demo_overrides
     return extra
+
+
+def run_seeds(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
+    """The pipeline once, or once per ``cfg.seeds`` entry (``out/seed_<s>/``, each a full
+    idempotent pipeline with its own report) and then ``out/report/`` over the seeds:
+    table.json rows hold the mean per column plus ``std`` and ``seeds`` (per-seed values);
+    claims are checked on the means. Returns the report's rows."""
+    if not cfg.seeds:
+        return run_pipeline(cfg, budget=budget, log=log)
+    out = Path(cfg.out)
+    per_seed: dict[int, list[dict]] = {}
+    for seed in cfg.seeds:
+        sub = copy.deepcopy(cfg)
+        sub.seed, sub.seeds, sub.out = seed, [], str(out / f"seed_{seed}")
+        log(f"[pipeline] seed {seed} -> {sub.out}")
+        per_seed[seed] = run_pipeline(sub, budget=budget, log=log)
+    rows = aggregate_seeds(per_seed, list(cfg.eval.benchmarks))
+    write_seeds_report(cfg, rows, out)
+    return rows
+
+
+def aggregate_seeds(per_seed: dict[int, list[dict]], columns: list[str]) -> list[dict]:
+    """Rows of several seeds -> one row per model: the mean of each column (and of the
+    average), ``std`` (sample std, 0 for one seed) and ``seeds`` ({seed: {col: value}})."""
+    models: list[str] = []
+    for rows in per_seed.values():
+        models += [r["model"] for r in rows if r["model"] not in models]
+    out = []
+    for m in models:
+        row: dict = {"model": m}
+        std: dict = {}
+        seeds: dict = {}
+        for col in [*columns, "average"]:
+            vals = []
+            for seed, rows in per_seed.items():
+                v = next((r.get(col) for r in rows if r["model"] == m), None)
+                seeds.setdefault(str(seed), {})[col] = v
+                if v is not None:
+                    vals.append(float(v))
+            row[col] = round(statistics.fmean(vals), 4) if vals else None
+            std[col] = (
+                round(statistics.stdev(vals), 4) if len(vals) > 1 else (0.0 if vals else None)
+            )
+        row["std"], row["seeds"] = std, seeds
+        out.append(row)
+    return out
+
+
+def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None:
+    """out/report/: table.json, claims.json, index.html with each seed's plots."""
+    from flowopd.eval.claims import check_claims
+    from flowopd.eval.html import write_html, write_table
+    from flowopd.eval.report import write_json
+
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    columns = list(cfg.eval.benchmarks)
+    write_table(rep / "table.json", rows)
+    claims = check_claims(rows, columns)
+    write_json(rep / "claims.json", [c.to_dict() for c in claims])
+    images: dict[str, Path] = {}
+    for seed in cfg.seeds:
+        for png, what in (("reward_curves.png", "training reward"), ("opd_kl.png", "OPD KL")):
+            src = out / f"seed_{seed}" / "report" / png
+            if src.is_file():
+                dst = rep / f"seed_{seed}_{png}"
+                shutil.copyfile(src, dst)
+                images[f"seed {seed}: {what}"] = dst
+    notes = (
+        f"mean +- std over seeds {cfg.seeds}; each seed's own report: "
+        f"seed_<s>/report/index.html\n\nclaims (on the means):\n"
+        + "\n".join(c.line() for c in claims)
+    )
+    title = f"Flow-OPD on the embedded world, {len(cfg.seeds)} seeds"
+    write_html(rep / "index.html", title, rows, columns, images, notes)
 
 
 def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
@@ -217,13 +294,17 @@ def write_report(
     out: Path,
     timings: dict,
 ) -> list[dict]:
+    from flowopd.eval.claims import check_claims
     from flowopd.eval.html import plot_curves, read_log, table_rows, write_html, write_table
+    from flowopd.eval.report import write_json
 
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     columns = [b for b in cfg.eval.benchmarks]
     rows = table_rows(results, columns)
     write_table(rep / "table.json", rows)
+    claims = check_claims(rows, columns)
+    write_json(rep / "claims.json", [c.to_dict() for c in claims])
     reward_curves = {}
     kl_curves = {}
     for name, path in curves.items():
@@ -261,6 +342,8 @@ def write_report(
             dst = rep / f"grid_{_slug(name)}.png"
             shutil.copyfile(grid, dst)
             images[f"samples: {name}"] = dst
-    notes = "stage times (s): " + json.dumps(timings) if timings else ""
+    notes = "claims:\n" + "\n".join(c.line() for c in claims)
+    if timings:
+        notes += "\n\nstage times (s): " + json.dumps(timings)
     write_html(rep / "index.html", "Flow-OPD on the embedded world", rows, columns, images, notes)
     return rows

@@ -65,6 +65,11 @@ class PipelineConfig:
     out: str = _help("Output directory; finished stages found there are skipped.", "runs/flow_opd")
     model: str = _help("Base model for every stage ('embedded' = the shipped model).", "embedded")
     seed: int = _help("Training seed of every stage (train.seed).", 0)
+    seeds: list[int] = _help(
+        "Run the whole pipeline once per seed (in out/seed_<s>/) and report mean +- std over "
+        "them in out/report/; empty: one run with `seed`, in out/ itself.",
+        factory=list,
+    )
     teachers: list[TeacherStage] = _help("One GRPO teacher per task.", factory=list)
     mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)
     cold_start: ColdStartConfig = _help("Student initialisation.", factory=ColdStartConfig)
@@ -78,6 +83,8 @@ class PipelineConfig:
     eval: PipelineEval = _help("Evaluation of every model.", factory=PipelineEval)
 
     def validate(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds repeat a value: {self.seeds}; give each seed once")
         if not self.teachers:
             raise UserError(
                 "pipeline needs at least one teacher: teachers: [{task: ..., config: ...}]"

@@ -1,0 +1,123 @@
+"""The Flow-OPD paper's qualitative claims, checked on a report table (METHODS.md §3).
+
+Given the pipeline's rows (``base``, ``teacher:<task>``, ``grpo-mix``, ``cold-start``,
+``flow-opd`` and optionally ``flow-opd (no MAR)``), each claim is True, False, or None
+when the table lacks a row it needs:
+
+1. seesaw: each teacher gains >= ``gain`` over the base on its own benchmark and
+   <= ``leak`` on every other task benchmark;
+2. GRPO-Mix ends below each specialist on that specialist's benchmark;
+3. the Flow-OPD student is within ``tolerance`` of (or above) each teacher on its benchmark;
+4. the Flow-OPD student has the best average of all rows;
+5. MAR: toy-quality (the quality column) is higher with MAR than without.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = ["Claim", "check_claims", "task_column"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    passed: bool | None
+    detail: str
+
+    def line(self) -> str:
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[self.passed]
+        return f"[{mark}] {self.name}: {self.detail}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def task_column(task: str, columns: Sequence[str]) -> str | None:
+    """The benchmark column of a teacher task: ``task`` itself or ``toy-<task>``."""
+    for c in (task, f"toy-{task}"):
+        if c in columns:
+            return c
+    return None
+
+
+def check_claims(
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    *,
+    gain: float = 0.2,
+    leak: float = 0.05,
+    tolerance: float = 0.02,
+    quality: str = "toy-quality",
+) -> list[Claim]:
+    """Check claims 1-5 (module docstring) on ``rows`` (``table.json``); see ``Claim``."""
+    by = {r["model"]: r for r in rows}
+    base, mix, opd = by.get("base"), by.get("grpo-mix"), by.get("flow-opd")
+    teachers = {
+        m.split(":", 1)[1]: r for m, r in by.items() if m.startswith("teacher:")
+    }  # task -> row
+    cols = {t: task_column(t, columns) for t in teachers}
+    task_cols = [c for c in cols.values() if c]
+    claims: list[Claim] = []
+
+    def val(row: dict | None, col: str | None) -> float | None:
+        return None if row is None or col is None else row.get(col)
+
+    # 1. seesaw
+    for task, row in teachers.items():
+        own = cols[task]
+        b, v = val(base, own), val(row, own)
+        if b is None or v is None:
+            claims.append(Claim(f"seesaw, teacher:{task}", None, "no base row or no column"))
+            continue
+        others = [(c, row[c] - base[c]) for c in task_cols if c != own and row.get(c) is not None]
+        ok = v - b >= gain and all(d <= leak for _, d in others)
+        other_txt = ", ".join(f"{c} {d:+.3f}" for c, d in others) or "no other task"
+        claims.append(Claim(
+            f"seesaw, teacher:{task}", ok,
+            f"{own} {v - b:+.3f} over base (needs >= {gain:+.2f}); {other_txt} "
+            f"(needs <= {leak:+.2f})",
+        ))  # fmt: skip
+
+    # 2. GRPO-Mix below each specialist on its task
+    for task, row in teachers.items():
+        m, v = val(mix, cols[task]), val(row, cols[task])
+        name = f"grpo-mix below teacher:{task} on {cols[task]}"
+        if m is None or v is None:
+            claims.append(Claim(name, None, "no grpo-mix row"))
+        else:
+            claims.append(Claim(name, m < v, f"{m:.3f} vs {v:.3f}"))
+
+    # 3. the student within tolerance of each teacher on its task
+    for task, row in teachers.items():
+        s, v = val(opd, cols[task]), val(row, cols[task])
+        name = f"flow-opd within {tolerance} of teacher:{task} on {cols[task]}"
+        if s is None or v is None:
+            claims.append(Claim(name, None, "no flow-opd row"))
+        else:
+            claims.append(Claim(name, s >= v - tolerance, f"{s:.3f} vs {v:.3f} ({s - v:+.3f})"))
+
+    # 4. best average
+    if opd is None or opd.get("average") is None:
+        claims.append(Claim("flow-opd has the best average", None, "no flow-opd row"))
+    else:
+        rivals = [r for r in rows if r["model"] != "flow-opd" and r.get("average") is not None]
+        best = max(rivals, key=lambda r: r["average"], default=None)
+        ok = best is None or opd["average"] > best["average"]
+        detail = f"{opd['average']:.3f}" + (
+            f" vs next best {best['model']} {best['average']:.3f}" if best else ""
+        )
+        claims.append(Claim("flow-opd has the best average", ok, detail))
+
+    # 5. MAR raises quality
+    no_mar = by.get("flow-opd (no MAR)")
+    q, q0 = val(opd, quality), val(no_mar, quality)
+    if q is None or q0 is None:
+        claims.append(Claim("MAR raises quality", None, "no MAR-off row (mar_ablation=true)"))
+    else:
+        tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in task_cols)
+        claims.append(Claim(
+            "MAR raises quality", q > q0, f"{quality} {q:.3f} with vs {q0:.3f} without; {tasks_txt}"
+        ))  # fmt: skip
+    return claims
