@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="embedded", help="model dir (default: embedded)")
     p.add_argument("--lora", default=None, help="adapter to start from (default: a fresh one)")
     p.add_argument("--task", default="geneval", choices=["geneval", "ocr"])
+    p.add_argument("--reward", default=None,
+                   help="a registered reward instead of the task's, or 'redness' (mean R - "
+                        "(G + B) / 2: a dense positive control)")  # fmt: skip
     p.add_argument("--prompts", type=int, default=128, help="groups (independent samples)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--noise", type=float, default=0.7, help="SDE noise level")
@@ -77,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = args.guidance if args.guidance is not None else model.default_guidance_scale
     n, g = args.prompts, args.group_size
     recs = epoch_prompts(load_prompts(f"world:{args.task}"), n, args.seed, 0)
-    reward = get_reward("toy_geneval" if args.task == "geneval" else "toy_ocr")
+    if args.reward == "redness":
+
+        def reward(images, prompts, metadata):
+            return (images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])).flatten(1).mean(1)
+    else:
+        reward = get_reward(args.reward or ("toy_geneval" if args.task == "geneval" else "toy_ocr"))
 
     t0 = time.time()
     model.transformer.eval()
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_step": {str(j): gradient_snr(pg[:, i]) for i, j in enumerate(steps)},
             "all_steps": gradient_snr(pg.sum(1)),
             "all_steps_stderr": gradient_snr_stderr(pg.sum(1)),
-            "per_step_stderr": gradient_snr_stderr(pg[:, 0]),
+            "per_step_stderr": {str(j): gradient_snr_stderr(pg[:, i]) for i, j in enumerate(steps)},
         },
     }
     if args.fm:
@@ -152,22 +160,26 @@ def main(argv: list[str] | None = None) -> int:
             "per_sigma": {f"{s:.3f}": gradient_snr(fg[:, i]) for i, s in enumerate(sigmas)},
             "all_sigmas": gradient_snr(fg.sum(1)),
             "all_sigmas_stderr": gradient_snr_stderr(fg.sum(1)),
+            "per_sigma_stderr": {
+                f"{s:.3f}": gradient_snr_stderr(fg[:, i]) for i, s in enumerate(sigmas)
+            },
         }
     result["seconds"] = round(time.time() - t0, 1)
 
-    print(f"{args.task}: {n} groups x {g}, SDE noise {args.noise}, window {window or 'all'}, "
+    print(f"{args.reward or args.task}: {n} groups x {g}, SDE noise {args.noise}, window {window or 'all'}, "
           f"CFG {cfg}; reward {result['reward_mean']:.3f}; {len(live)} groups vary; "
           f"{result['seconds']:.0f} s ({device.type})")  # fmt: skip
     print("per-group SNR s (1/s groups for an update with SNR 1; negative = below resolution)")
     pgr = result["policy_gradient"]
-    rows = [("GRPO log-prob, step", pgr["per_step"], pgr["all_steps"], pgr["all_steps_stderr"])]
+    rows = [("GRPO log-prob, step", pgr["per_step"], pgr["per_step_stderr"], pgr["all_steps"],
+             pgr["all_steps_stderr"])]  # fmt: skip
     if args.fm:
         fmr = result["flow_matching"]
-        rows.append(("flow matching, sigma", fmr["per_sigma"], fmr["all_sigmas"],
-                     fmr["all_sigmas_stderr"]))  # fmt: skip
-    print(f"  (bootstrap standard error of one step's figure: {pgr['per_step_stderr']:.4f})")
-    for name, per, total, se in rows:
-        print(f"  {name}: " + " ".join(f"{k}:{v:+.4f}" for k, v in per.items()))
+        rows.append(("flow matching, sigma", fmr["per_sigma"], fmr["per_sigma_stderr"],
+                     fmr["all_sigmas"], fmr["all_sigmas_stderr"]))  # fmt: skip
+    print("  (each figure +- its bootstrap standard error)")
+    for name, per, per_se, total, se in rows:
+        print(f"  {name}: " + " ".join(f"{k}:{v:+.4f}+-{per_se[k]:.4f}" for k, v in per.items()))
         print(f"    all together: s = {total:+.4f} +- {se:.4f}; an update of 16 groups has cosine "
               f"{update_cosine(total, 16):.2f} with the true gradient, of 128: "
               f"{update_cosine(total, 128):.2f}")  # fmt: skip
