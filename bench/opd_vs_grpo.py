@@ -27,7 +27,6 @@ built in a temporary directory; teachers are two randomised LoRAs saved next to 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -92,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant")
     p.add_argument("--steps", type=int, default=10, help="SDE steps (9 trained)")
+    p.add_argument("--window", type=int, default=0,
+                   help="Flow-GRPO-Fast: K stochastic (trained) steps in [0, 6), as the toy "
+                        "presets; 0 (default): every step stochastic, 9 of 10 trained")  # fmt: skip
     p.add_argument("--prompts", type=int, default=8, help="prompts per epoch")
     p.add_argument("--group", type=int, default=4, help="images per prompt")
     p.add_argument("--batch", type=int, default=16, help="sampling and training minibatch")
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sample.batch_size={args.batch}", f"train.batch_size={args.batch}",
         "train.optimizer_steps_per_epoch=1", f"train.epochs={args.epochs}", "train.ema=false",
         "eval.every=0", "output.checkpoint_every=0", "output.keep_last=1",
+        f"sample.sde_window_size={args.window}",
+        *([f"sample.sde_window_range=[0, {min(6, args.steps)}]"] if args.window else []),
     ]  # fmt: skip
     opd_common = [
         *common,
@@ -164,18 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": info,
         "settings": {k: getattr(args, k) for k in ("model", "epochs", "repeats", "steps",
-                                                    "prompts", "group", "batch", "rank")},
+                                                    "prompts", "group", "batch", "rank",
+                                                    "window")},
         "median_epoch_seconds": med,
         "ratio_vs_grpo": {v: med[v]["total"] / g["total"] for v in med if v != "grpo"},
         "train_ratio_vs_grpo": {v: med[v]["train"] / g["train"] for v in med if v != "grpo"},
     }  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "opd_vs_grpo.json").write_text(json.dumps(result, indent=1) + "\n")
+    from flowopd.eval.report import write_json
+
+    write_json(Path(args.out) / "opd_vs_grpo.json", result)
 
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"model: {args.model or 'tiny pixel SD3 (1 layer, width 32, 32x32)'}; "
-          f"{args.prompts} prompts x {args.group} images, {args.steps} SDE steps, "
+          f"{args.prompts} prompts x {args.group} images, {args.steps} steps "
+          f"({f'window of {args.window}' if args.window else 'all SDE'}), "
           f"minibatch {args.batch}, LoRA r={args.rank}")  # fmt: skip
     print(f"{'variant':<12} {'epoch s':>8} {'sample':>8} {'score':>8} {'train':>8} "
           f"{'x GRPO':>7} {'train x':>8}")  # fmt: skip

@@ -61,3 +61,18 @@ def test_grpo_vs_crd_images_to_reach_uses_the_trailing_mean():
     assert mod.images_to_reach(curve, 0.55, k=2) == 320
     assert mod.images_to_reach(curve, 0.8, k=2) is None
     assert set(mod.machine()) >= {"platform", "cpu_count", "torch_threads"}
+
+
+def test_opd_vs_grpo_bench_runs_on_the_tiny_model(tmp_path):
+    spec = importlib.util.spec_from_file_location("opd_vs_grpo", REPO / "bench" / "opd_vs_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--epochs", "2", "--repeats", "1", "--steps", "4", "--prompts", "2",
+                       "--group", "2", "--batch", "4", "--window", "2",
+                       "--out", str(tmp_path)]) == 0  # fmt: skip
+    r = json.loads((tmp_path / "opd_vs_grpo.json").read_text())
+    assert r["settings"]["window"] == 2 and r["machine"]["cpu_count"] >= 1
+    assert set(r["ratio_vs_grpo"]) == {"opd", "opd_unfused", "opd_no_mar"}
+    for v, ratio in r["ratio_vs_grpo"].items():
+        m = r["median_epoch_seconds"][v]
+        assert ratio == m["total"] / r["median_epoch_seconds"]["grpo"]["total"] > 0
