@@ -118,6 +118,6 @@ def check_claims(
     else:
         tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in task_cols)
         claims.append(Claim(
-            "MAR raises quality", q > q0, f"{quality} {q:.3f} with vs {q0:.3f} without; {tasks_txt}"
+            "MAR raises quality", q > q0, f"{quality} {q:.4f} with vs {q0:.4f} without; {tasks_txt}"
         ))  # fmt: skip
     return claims
