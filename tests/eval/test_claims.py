@@ -56,6 +56,16 @@ def test_each_claim_fails_when_its_numbers_say_so():
     assert c["MAR raises quality"].passed is False
 
 
+def test_mar_claim_needs_a_margin_and_equal_task_scores():
+    rows = _paper_like()
+    rows[6]["toy-quality"] = 0.947  # 0.950 vs 0.947: a tie (margin 0.005)
+    assert _by_name(check_claims(rows, COLS))["MAR raises quality"].passed is False
+    rows = _paper_like()
+    rows[6]["toy-ocr"] = 0.94  # without MAR the task score is 0.03 higher: not "equal"
+    c = _by_name(check_claims(rows, COLS))["MAR raises quality"]
+    assert c.passed is False and "toy-ocr 0.910 vs 0.940" in c.detail
+
+
 def test_missing_rows_give_none_not_a_verdict():
     rows = [r for r in _paper_like() if r["model"] in ("base", "teacher:geneval", "teacher:ocr")]
     c = _by_name(check_claims(rows, COLS))

@@ -9,7 +9,9 @@ when the table lacks a row it needs:
 2. GRPO-Mix ends below each specialist on that specialist's benchmark;
 3. the Flow-OPD student is within ``tolerance`` of (or above) each teacher on its benchmark;
 4. the Flow-OPD student has the best average of all rows;
-5. MAR: toy-quality (the quality column) is higher with MAR than without.
+5. MAR: toy-quality (the quality column) is higher with MAR than without, by more than
+   ``quality_margin`` (smaller differences are ties), at task scores no more than
+   ``tolerance`` below the MAR-off run's ("at equal task scores").
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def check_claims(
     leak: float = 0.05,
     tolerance: float = 0.02,
     quality: str = "toy-quality",
+    quality_margin: float = 0.005,
 ) -> list[Claim]:
     """Check claims 1-5 (module docstring) on ``rows`` (``table.json``); see ``Claim``."""
     by = {r["model"]: r for r in rows}
@@ -117,7 +120,12 @@ def check_claims(
         claims.append(Claim("MAR raises quality", None, "no MAR-off row (mar_ablation=true)"))
     else:
         tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in task_cols)
+        ok = q - q0 > quality_margin and all(
+            opd[c] >= no_mar[c] - tolerance for c in task_cols if opd.get(c) is not None
+        )
         claims.append(Claim(
-            "MAR raises quality", q > q0, f"{quality} {q:.4f} with vs {q0:.4f} without; {tasks_txt}"
+            "MAR raises quality", ok,
+            f"{quality} {q:.4f} with vs {q0:.4f} without (needs > +{quality_margin}); "
+            f"{tasks_txt} (needs >= -{tolerance})",
         ))  # fmt: skip
     return claims
