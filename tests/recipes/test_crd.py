@@ -93,6 +93,17 @@ def test_minibatch_must_hold_whole_groups(tmp_path, tiny_pixel_dir):
     assert "Traceback" not in proc.stderr
 
 
+def test_time_range_spaces_the_training_times_evenly(tmp_path, tiny_pixel_dir):
+    cfg = _yaml(tmp_path, tiny_pixel_dir)
+    c = load_config(CRDConfig, cfg, ["crd.time_range=[0.5, 0.8]", "crd.num_times=4"]).crd
+    assert c.time_grid(3.0).tolist() == pytest.approx([0.8, 0.7, 0.6, 0.5])
+    default = load_config(CRDConfig, cfg, ["crd.num_times=4"]).crd.time_grid(3.0)
+    assert float(default[0]) == 1.0 and len(default) == 4  # the shifted schedule, from 1
+    for bad in ("[0.8, 0.5]", "[0.5]", "[0.2, 1.5]"):
+        with pytest.raises(UserError, match="crd.time_range must be"):
+            load_config(CRDConfig, cfg, [f"crd.time_range={bad}"])
+
+
 def test_group_batches_shuffle_whole_groups():
     batches = group_batches(6, 4, 2, torch.Generator().manual_seed(0))
     assert len(batches) == 3 and all(len(b) == 8 for b in batches)

@@ -157,6 +157,12 @@ class CRDMethodConfig:
         "Shift of the training-time schedule; null = the model's scheduler shift (3.0 for SD3.5).",
         None,
     )
+    time_range: list[float] | None = _help(
+        "[lo, hi]: train on num_times sigmas evenly spaced from hi down to lo instead of the "
+        "shifted schedule, e.g. [0.55, 0.8], where toy-OCR's flow-matching gradient carries "
+        "its signal (scripts/grad_snr.py --fm); null = the schedule.",
+        None,
+    )
     sampler_warmup: int = _help(
         "Sampler snapshot decay (it draws the rollouts): 0 for the first sampler_warmup "
         "optimizer steps (on-policy), then min(sampler_rate (step - warmup), max_decay). "
@@ -188,6 +194,13 @@ class CRDMethodConfig:
             )
         if self.time_shift is not None and self.time_shift <= 0:
             raise UserError(f"crd.time_shift must be > 0 (or null), got {self.time_shift}")
+        if self.time_range is not None and not (
+            len(self.time_range) == 2 and 0 <= self.time_range[0] < self.time_range[1] <= 1
+        ):
+            raise UserError(
+                f"crd.time_range must be [lo, hi] with 0 <= lo < hi <= 1 (or null), "
+                f"got {self.time_range}"
+            )
         if self.sampler_warmup < 0:
             raise UserError(f"crd.sampler_warmup must be >= 0, got {self.sampler_warmup}")
         for name in ("sampler_rate", "old_rate"):
@@ -211,7 +224,11 @@ class CRDMethodConfig:
 
     def time_grid(self, model_shift: float) -> torch.Tensor:
         """The ``num_times`` training times: the sampling schedule's sigmas without its
-        final 0, (num_times,) float32 from 1 down (20 with shift 3: 1.0, 0.99, ..., 0.009)."""
+        final 0, (num_times,) float32 from 1 down (20 with shift 3: 1.0, 0.99, ..., 0.009);
+        with ``time_range`` [lo, hi]: linspace(hi, lo, num_times)."""
+        if self.time_range is not None:
+            lo, hi = self.time_range
+            return torch.linspace(hi, lo, self.num_times, dtype=torch.float32)
         return timesteps(self.num_times, self.time_shift or model_shift)[:-1]
 
 
