@@ -5,7 +5,11 @@
   3. cold start: merge the teachers' LoRAs (or SFT on their samples);
   4. Flow-OPD: on-policy distillation into the student with MAR (and without, optionally);
   5. evaluate every model on every benchmark;
-  6. report: table.json, reward curves, image grids, index.html.
+  6. report: table.json, claims.json (the paper's claims checked on the table), reward
+     curves, image grids, index.html.
+
+With ``seeds`` set, ``run_seeds`` runs all of it once per seed (``out/seed_<s>/``) and
+reports mean +- std over the seeds in ``out/report/``.
 
 Each stage writes into its own folder under ``out``; a stage whose result is already
 there is skipped, so rerunning the command after an interruption continues where it
