@@ -12,9 +12,10 @@ x_0)||^2`` at each of the sampler's sigmas, conditional velocity.
     python scripts/grad_snr.py                     # toy-GenEval, full 10-step SDE, 128 groups
     python scripts/grad_snr.py --task ocr --fm --json runs/snr_ocr.json
 
-Measured on the embedded base (128 groups x 8, noise 0.7, CFG 3, 2 cores, 2.8 min): per-step
-SNR 0.0016 at best (step 0), -0.0005..0.0016 over the 10 steps; FM estimator 0.0046 at best.
-An epoch of the preset (16 groups) has update SNR ~0.02 (cosine with the true gradient ~0.15).
+Measured on the embedded base (128 groups x 8, noise 0.7, CFG 3; 5 min on 1 thread), toy-GenEval:
+per-step SNR -0.0005..0.0016, each +- ~0.002 (indistinguishable from 0), flow matching 0.0040
+at best; a positive control (``--reward redness``) reads 0.01 (log-prob) and 0.27 (flow
+matching). Figures and their reading: README, "Why it is slow".
 """
 
 from __future__ import annotations
