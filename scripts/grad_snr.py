@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from flowopd.algorithms import group_advantages
+    from flowopd.algorithms.sft import add_noise
     from flowopd.cli.common import quiet_libraries
     from flowopd.eval.gradient_snr import gradient_snr, gradient_snr_stderr, update_cosine
     from flowopd.eval.report import write_json
@@ -142,10 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(args.seed + 1)
 
         def fm_loss(rows, s):
-            eps = torch.randn(x0[rows].shape, generator=gen).to(device)
-            xs = (1 - s) * x0[rows].to(device) + s * eps
-            v = model.velocity(xs, s, ro.cond[rows])
-            return (adv[rows] * ((v - (eps - x0[rows].to(device))) ** 2).flatten(1).mean(1)).mean()
+            x, eps = x0[rows].to(device), torch.randn(x0[rows].shape, generator=gen).to(device)
+            v = model.velocity(add_noise(x, eps, s), s, ro.cond[rows])
+            return (adv[rows] * ((v - (eps - x)) ** 2).flatten(1).mean(1)).mean()
 
         fg = torch.stack(
             [torch.stack([flat_grad(fm_loss(rows, s)) for s in sigmas]) for rows in groups]
@@ -183,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from flowopd.errors import UserError
+    from flowopd.cli.common import run_script
 
-    try:
-        raise SystemExit(main())
-    except UserError as e:  # a bad path or option: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_script(main)

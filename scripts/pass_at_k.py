@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from flowopd.errors import UserError
+    from flowopd.cli.common import run_script
 
-    try:
-        raise SystemExit(main())
-    except UserError as e:  # a bad path or option: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_script(main)

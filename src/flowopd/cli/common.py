@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s code; a ``UserError`` (bad path or option) exits with its one
+    line, no traceback, as the ``flowopd`` command does."""
+    from flowopd.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def quiet_libraries() -> None:
