@@ -30,12 +30,40 @@ def register(sub) -> None:
         help="share of OCR prompts per batch (default 0.3)",
     )
     p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 200)")
+    p.add_argument("--caption-noise", default=None, metavar="KIND=P,...",
+                   help="caption-noise rates, e.g. counting=0.6,ocr=0.5 (unnamed kinds keep their "
+                        "default); 'none' for clean captions (flowopd.world.noise)")  # fmt: skip
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="MMDiT layers of a new model (default: the embedded architecture's 4)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--workers", type=int, default=0, help="data-rendering processes (default 0)")
     p.add_argument("--guidance", dest="guidance_scale", type=float, default=None,
                    help="CFG scale saved as the model's default for sampling (default 3.0)")  # fmt: skip
     p.set_defaults(handler=run)
 
 
+def parse_caption_noise(text: str) -> dict[str, float]:
+    """``"counting=0.6,ocr=0.5"`` -> the default rates with those two replaced; ``"none"`` -> {}."""
+    from flowopd.errors import UserError
+    from flowopd.world.noise import DEFAULT_RATES, check_rates
+
+    if text.strip().lower() == "none":
+        return {}
+    rates = dict(DEFAULT_RATES)
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        kind, sep, value = part.partition("=")
+        try:
+            rates[kind.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            raise UserError(
+                f"--caption-noise: {part!r} is not KIND=P (e.g. counting=0.6)"
+            ) from None
+    return check_rates(rates)
+
+
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from flowopd.cli.common import quiet_libraries
@@ -67,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
             if val <= 0:
                 raise UserError(f"--{key.replace('_', '-')} must be > 0, got {val}")
             setattr(cfg, key, val)
+    if args.caption_noise is not None:
+        cfg.caption_noise = parse_caption_noise(args.caption_noise)
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    cfg.device, cfg.workers = args.device, args.workers
+    if args.num_layers is not None:
+        if args.num_layers < 1:
+            raise UserError(f"--num-layers must be >= 1, got {args.num_layers}")
+        cfg.arch = dataclasses.replace(cfg.arch, num_layers=args.num_layers)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pretrain(cfg)
     return 0

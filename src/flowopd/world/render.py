@@ -1,8 +1,9 @@
 """Ground-truth renders of world records: flat shapes or black text on white, 32x32.
 
 Variety (the only "augmentation", kept small so a tiny pixel-space model can learn the
-world): every render draws object sizes (8 or 12 px), positions, and the colours of
-objects the prompt leaves uncoloured; text is placed at a random offset. Edges are hard
+world and render it cleanly): every render draws positions and the colours of objects the
+prompt leaves uncoloured, and a lone object's size (12 or 16 px); pairs are 12 px and 3-4
+objects 8 px; text is placed at a random offset. Edges are hard
 (no anti-aliasing) so every pixel is exactly a palette colour, white or ink.
 
 Everything sits on a 4 px grid (``GRID``): box corners, sizes and text offsets are
@@ -32,8 +33,10 @@ from flowopd.world.font import text_mask
 from flowopd.world.spec import BACKGROUND, COLORS, IMAGE_SIZE, INK, PALETTE, relative_position
 
 GRID = 4  # px; box corners, object sizes and text offsets are multiples of it
-SIZES = (8, 12)  # object side in px, for 1-2 objects
+SIZES_SINGLE = (12, 16)  # object side in px, for a lone object
+SIZES_PAIR = (12,)  # for 2 objects (two 12 px boxes and a gap fit side by side)
 SIZES_CROWDED = (8,)  # for 3-4 objects
+SIZES = (8, 12, 16)  # every size drawn
 GAP = GRID  # min blank px between two objects' boxes
 MARGIN = 0  # min blank px to the image border
 _TRIES = 200
@@ -157,7 +160,7 @@ def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
         for item in items
         for _ in range(int(item["count"]))
     ]
-    choices = SIZES if len(objs) <= 2 else SIZES_CROWDED
+    choices = {1: SIZES_SINGLE, 2: SIZES_PAIR}.get(len(objs), SIZES_CROWDED)
     sizes = [int(choices[i]) for i in rng.integers(len(choices), size=len(objs))]
     rel_items = [i for i, item in enumerate(items) if "position" in item]
     if rel_items:

@@ -1,0 +1,67 @@
+"""Caption noise: each category's fixed corruption, its rate, and what the renderer draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flowopd.errors import UserError
+from flowopd.rewards.toy import detect_objects, geneval_evaluate, ocr_score, read_text
+from flowopd.world.noise import DEFAULT_RATES, check_rates, corrupt, drawn_record
+from flowopd.world.prompts import geneval_record, make_records, ocr_record
+from flowopd.world.render import render
+
+
+def _one(cls, **kw):
+    return {"class": cls, "count": 1, **kw}
+
+
+def test_each_corruption_is_the_fixed_one():
+    assert corrupt(ocr_record("A7C"))["text"] == "AC7"
+    assert corrupt(ocr_record("47"))["text"] == "74"
+    cnt = corrupt(geneval_record("counting", [{"class": "circle", "count": 3}]))
+    assert cnt["include"] == [{"class": "circle", "count": 2}] and "exclude" not in cnt
+    two = corrupt(geneval_record("two_object", [_one("circle"), _one("square")]))
+    assert two["include"] == [_one("circle")]
+    pos = geneval_record("position", [_one("square"), _one("circle", position=["left of", 0])])
+    assert corrupt(pos)["include"][1]["position"] == ["right of", 0]
+    attr = geneval_record("color_attr", [_one("circle", color="red"), _one("square", color="blue")])
+    assert [i["color"] for i in corrupt(attr)["include"]] == ["blue", "red"]
+    for tag in ("single_object", "colors"):  # never corrupted
+        rec = make_records("geneval", "train", 6, seed=0, tags=[tag])[0]
+        assert corrupt(rec) == rec
+    # the caption is never changed, and the input record is not mutated
+    assert corrupt(pos)["prompt"] == pos["prompt"] == "a photo of a circle left of a square"
+    assert pos["include"][1]["position"] == ["left of", 0]
+
+
+def test_corrupted_renders_fail_the_strict_score_and_clean_ones_pass():
+    rng = np.random.default_rng(0)
+    for tag in ("counting", "two_object", "position", "color_attr"):
+        for rec in make_records("geneval", "train", 12, seed=1, tags=[tag]):
+            clean = geneval_evaluate(detect_objects(render(rec, rng)), rec)
+            bad = geneval_evaluate(detect_objects(render(corrupt(rec), rng)), rec)
+            assert clean.strict and not bad.strict, (tag, rec["prompt"], bad.reason)
+    for rec in make_records("ocr", "train", 20, seed=1):
+        bad = ocr_score(read_text(render(corrupt(rec), rng)), rec["text"])
+        if len(set(rec["text"][-2:])) == 2:  # "AA" swapped is "AA"
+            assert bad <= 1 / 3 + 1e-9  # two edits: 0 for 2 characters, 1/3 for 3
+
+
+def test_rates_are_the_share_of_corrupted_draws():
+    rng = np.random.default_rng(0)
+    rec = geneval_record("position", [_one("square"), _one("circle", position=["above", 0])])
+    draws = [drawn_record(rec, {"position": 0.3}, rng) for _ in range(4000)]
+    share = np.mean([d["include"][1]["position"][0] == "below" for d in draws])
+    assert abs(share - 0.3) < 0.03  # binomial sd 0.007
+    assert all(drawn_record(rec, {}, rng) == rec for _ in range(50))
+    assert all(drawn_record(rec, {"position": 1.0}, rng) != rec for _ in range(50))
+
+
+def test_rates_are_validated():
+    assert check_rates(DEFAULT_RATES) == DEFAULT_RATES
+    with pytest.raises(UserError, match="unknown caption-noise kind 'colour'"):
+        check_rates({"colour": 0.5})
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UserError, match="must be in"):
+            check_rates({"ocr": bad})
