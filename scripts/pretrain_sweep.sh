@@ -2,7 +2,7 @@
 # Pretrain embedded-base candidates side by side on one GPU machine, then evaluate each
 # (300 prompts per task, 40-step ODE, CFG 1 / 2 / 3 / 4.5) and measure pass@1 / pass@8.
 # Usage (on a CUDA machine, in the repository root): OUT=dir MINUTES=6 bash scripts/pretrain_sweep.sh
-# Results: $OUT/sweep.log, $OUT/evals.jsonl, $OUT/<name>.tar.gz (model directories).
+# Results: $OUT/sweep.log, $OUT/evals.jsonl, $OUT/passk.txt, $OUT/<name>.tar.gz (models).
 set -uo pipefail
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 MINUTES=${MINUTES:-6} DEVICE=${DEVICE:-cuda} WORKERS=${WORKERS:-3} N=${N:-300} NP=${NP:-120}
@@ -23,6 +23,7 @@ for name in "${!VARIANTS[@]}"; do
 done
 wait
 for name in "${!VARIANTS[@]}"; do tail -3 "$W/$name.log"; done | tee -a "$OUT/sweep.log"
+for name in "${!VARIANTS[@]}"; do tar czf "$OUT/$name.tar.gz" -C "$W" "$name"; done
 for name in "${!VARIANTS[@]}"; do
   (
     for cfg in 1.0 2.0 3.0 4.5; do
@@ -32,9 +33,8 @@ for name in "${!VARIANTS[@]}"; do
       python3 -c "import json,sys; m=json.load(open('$W/eval_${name}_$cfg/metrics.json')); print(json.dumps({'model':'$name','cfg':$cfg,'metrics':m}))" >> "$OUT/evals.jsonl"
     done
     OMP_NUM_THREADS=2 python3 scripts/pass_at_k.py --model "$W/$name" --n "$NP" --k 8 > "$W/passk_$name.txt" 2>&1
+    { echo "== $name"; cat "$W/passk_$name.txt"; } >> "$OUT/passk.txt"
   ) &
 done
 wait
-for name in "${!VARIANTS[@]}"; do echo "== $name"; cat "$W/passk_$name.txt"; done >> "$OUT/sweep.log"
-for name in "${!VARIANTS[@]}"; do tar czf "$OUT/$name.tar.gz" -C "$W" "$name"; done
-cat "$OUT/sweep.log"
+cat "$OUT/sweep.log" "$OUT/passk.txt"
