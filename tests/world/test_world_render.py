@@ -12,7 +12,7 @@ import torch
 
 from flowopd.world.font import CHARSET, GLYPHS, text_mask, text_size
 from flowopd.world.prompts import make_records, ocr_record
-from flowopd.world.render import GAP, GRID, MARGIN, SIZES, draw, layout, render_batch, shape_mask
+from flowopd.world.render import GAP, SIZES, draw, layout, render_batch, shape_mask
 from flowopd.world.spec import BACKGROUND, INK, OPPOSITE, PALETTE, relative_position
 
 
@@ -42,7 +42,7 @@ def test_render_batch_shape_range_and_determinism():
     x = render_batch(recs, seed=5)
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(x, render_batch(recs, seed=5))
-    assert not torch.equal(x, render_batch(recs, seed=6))
+    assert not torch.equal(x, render_batch(recs, seed=6))  # cells and free colours vary
     # a render depends on (seed, index, record) only, not on the rest of the batch
     y = render_batch([recs[3], recs[1]], seed=5)
     assert torch.equal(y[1], x[1])
@@ -68,9 +68,8 @@ def test_layouts_respect_counts_colours_relations_and_spacing():
         assert Counter(o.shape for o in objs) == want
         for o in objs:
             x0, y0, x1, y1 = o.box
-            assert min(x0, y0) >= MARGIN and max(x1, y1) <= 32 - MARGIN
-            assert x1 - x0 == y1 - y0 in SIZES
-            assert x0 % GRID == 0 and y0 % GRID == 0  # on the patch grid
+            assert min(x0, y0) >= 0 and max(x1, y1) <= 32
+            assert x1 - x0 == y1 - y0 == (16 if len(objs) == 1 else 12) and x1 - x0 in SIZES
         for a, b in itertools.combinations(objs, 2):
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.box, b.box
             assert ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0
