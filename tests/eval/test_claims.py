@@ -80,3 +80,25 @@ def test_task_column():
     assert task_column("geneval", COLS) == "toy-geneval"
     assert task_column("geneval", ["geneval", "ocr"]) == "geneval"
     assert task_column("pickscore", COLS) is None
+
+
+def test_order_claims_need_differences_beyond_two_standard_errors():
+    rows = _paper_like()
+    for r in rows:
+        r["se"] = {"toy-geneval": 0.03, "toy-ocr": 0.03, "toy-quality": 0.002, "average": 0.02}
+    c = _by_name(check_claims(rows, COLS))
+    # mix 0.80 vs OCR teacher 0.90: -0.10, se of the difference 0.042 -> beyond 2 se
+    assert c["grpo-mix below teacher:ocr on toy-ocr"].passed is True
+    assert "+- 0.042" in c["grpo-mix below teacher:ocr on toy-ocr"].detail
+    assert "+0.250 +- 0.042" in c["seesaw, teacher:geneval"].detail
+    rows[3]["toy-geneval"] = 0.55  # mix 0.05 below the GenEval teacher: inside 2 se (0.085)
+    rows[6]["toy-quality"] = 0.945  # MAR +0.005 quality, se 0.0028: inside 2 se
+    c = _by_name(check_claims(rows, COLS))
+    assert c["grpo-mix below teacher:geneval on toy-geneval"].passed is False
+    assert "needs > 2 se = 0.085" in c["grpo-mix below teacher:geneval on toy-geneval"].detail
+    assert c["MAR raises quality"].passed is False
+    # without standard errors the same table passes both (exact scores)
+    for r in rows:
+        del r["se"]
+    c = _by_name(check_claims(rows, COLS))
+    assert c["grpo-mix below teacher:geneval on toy-geneval"].passed is True

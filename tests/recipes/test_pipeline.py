@@ -97,7 +97,8 @@ def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monke
     assert claims["seesaw, teacher:geneval"]["passed"] is True  # +0.30 over the base
     assert claims["flow-opd has the best average"]["passed"] is None
     html = (out / "report" / "index.html").read_text()
-    assert "0.600 &plusmn; 0.100" in html and "seed 2: training reward" in html
+    assert abs(teacher["se"]["toy-geneval"] - 0.1 / 3**0.5) < 1e-4  # std / sqrt(3)
+    assert "0.600 &plusmn; 0.058" in html and "seed 2: training reward" in html
     printed = capsys.readouterr().out
     assert "0.600 +- 0.100" in printed and "[PASS] seesaw, teacher:geneval" in printed
     # a repeated seed is a one-line user error

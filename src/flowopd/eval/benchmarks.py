@@ -116,6 +116,19 @@ def generate(model: FlowModel, prompts: Sequence[str], settings: EvalSettings) -
 
 
 def _score(name: str, images: Tensor, recs: list[dict]) -> tuple[dict[str, float], Tensor]:
+    """``(metrics, per-image scores)``; metrics hold ``overall`` and its standard error
+    ``overall_se`` (``flowopd.eval.stats``: per-category for GenEval, else of the mean)."""
+    from flowopd.eval.stats import category_mean_se, mean_se
+
+    metrics, scores = _score_only(name, images, recs)
+    if name.split("=", 1)[0] in ("toy-geneval", "geneval"):
+        se = category_mean_se(scores.tolist(), [r["tag"] for r in recs])
+    else:
+        se = mean_se(scores.tolist())
+    return {**metrics, "overall_se": se}, scores
+
+
+def _score_only(name: str, images: Tensor, recs: list[dict]) -> tuple[dict[str, float], Tensor]:
     from flowopd.rewards.base import get_reward
 
     prompts = [r["prompt"] for r in recs]

@@ -12,12 +12,21 @@ when the table lacks a row it needs:
 5. MAR: toy-quality (the quality column) is higher with MAR than without, by more than
    ``quality_margin`` (smaller differences are ties), at task scores no more than
    ``tolerance`` below the MAR-off run's ("at equal task scores").
+
+Evaluation noise: a row may carry ``"se": {column: standard error}`` (``flowopd.eval.
+stats``). Every difference is then printed with its standard error, and the claims that
+state an order (2, 4, 5) pass only when the difference exceeds ``z`` standard errors of
+the difference (``sqrt(se_a^2 + se_b^2)``), so an order inside the noise is not a PASS.
+Claims 1 and 3 compare a point estimate with a stated bar. Rows without ``se`` count as
+exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+from flowopd.eval.stats import diff_se
 
 __all__ = ["Claim", "check_claims", "task_column"]
 
@@ -53,6 +62,7 @@ def check_claims(
     tolerance: float = 0.02,
     quality: str = "toy-quality",
     quality_margin: float = 0.005,
+    z: float = 2.0,
 ) -> list[Claim]:
     """Check claims 1-5 (module docstring) on ``rows`` (``table.json``); see ``Claim``."""
     by = {r["model"]: r for r in rows}
@@ -67,6 +77,13 @@ def check_claims(
     def val(row: dict | None, col: str | None) -> float | None:
         return None if row is None or col is None else row.get(col)
 
+    def se(*pairs: tuple[dict | None, str | None]) -> float:
+        """Standard error of a difference of the (row, column) scores."""
+        return diff_se(*((r or {}).get("se", {}).get(c or "", 0.0) for r, c in pairs))
+
+    def pm(x: float) -> str:
+        return f" +- {x:.3f}" if x > 0 else ""
+
     # 1. seesaw
     for task, row in teachers.items():
         own = cols[task]
@@ -76,11 +93,14 @@ def check_claims(
             continue
         others = [(c, row[c] - base[c]) for c in task_cols if c != own and row.get(c) is not None]
         ok = v - b >= gain and all(d <= leak for _, d in others)
-        other_txt = ", ".join(f"{c} {d:+.3f}" for c, d in others) or "no other task"
+        other_txt = (
+            ", ".join(f"{c} {d:+.3f}{pm(se((row, c), (base, c)))}" for c, d in others)
+            or "no other task"
+        )
         claims.append(Claim(
             f"seesaw, teacher:{task}", ok,
-            f"{own} {v - b:+.3f} over base (needs >= {gain:+.2f}); {other_txt} "
-            f"(needs <= {leak:+.2f})",
+            f"{own} {v - b:+.3f}{pm(se((row, own), (base, own)))} over base (needs >= "
+            f"{gain:+.2f}); {other_txt} (needs <= {leak:+.2f})",
         ))  # fmt: skip
 
     # 2. GRPO-Mix below each specialist on its task
@@ -90,7 +110,9 @@ def check_claims(
         if m is None or v is None:
             claims.append(Claim(name, None, "no grpo-mix row"))
         else:
-            claims.append(Claim(name, m < v, f"{m:.3f} vs {v:.3f}"))
+            e = se((mix, cols[task]), (row, cols[task]))
+            claims.append(Claim(name, v - m > z * e and m < v, f"{m:.3f} vs {v:.3f} "
+                                f"({m - v:+.3f}{pm(e)}{_beyond(z, e)})"))  # fmt: skip
 
     # 3. the student within tolerance of each teacher on its task
     for task, row in teachers.items():
@@ -99,7 +121,8 @@ def check_claims(
         if s is None or v is None:
             claims.append(Claim(name, None, "no flow-opd row"))
         else:
-            claims.append(Claim(name, s >= v - tolerance, f"{s:.3f} vs {v:.3f} ({s - v:+.3f})"))
+            e = pm(se((opd, cols[task]), (row, cols[task])))
+            claims.append(Claim(name, s >= v - tolerance, f"{s:.3f} vs {v:.3f} ({s - v:+.3f}{e})"))
 
     # 4. best average
     if opd is None or opd.get("average") is None:
@@ -107,9 +130,17 @@ def check_claims(
     else:
         rivals = [r for r in rows if r["model"] != "flow-opd" and r.get("average") is not None]
         best = max(rivals, key=lambda r: r["average"], default=None)
-        ok = best is None or opd["average"] > best["average"]
+        e = se((opd, "average"), (best, "average")) if best else 0.0
+        ok = (
+            best is None
+            or opd["average"] - best["average"] > z * e
+            and opd["average"] > best["average"]
+        )
         detail = f"{opd['average']:.3f}" + (
-            f" vs next best {best['model']} {best['average']:.3f}" if best else ""
+            f" vs next best {best['model']} {best['average']:.3f} "
+            f"({opd['average'] - best['average']:+.3f}{pm(e)}{_beyond(z, e)})"
+            if best
+            else ""
         )
         claims.append(Claim("flow-opd has the best average", ok, detail))
 
@@ -120,12 +151,17 @@ def check_claims(
         claims.append(Claim("MAR raises quality", None, "no MAR-off row (mar_ablation=true)"))
     else:
         tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in task_cols)
-        ok = q - q0 > quality_margin and all(
+        e = se((opd, quality), (no_mar, quality))
+        ok = q - q0 > max(quality_margin, z * e) and all(
             opd[c] >= no_mar[c] - tolerance for c in task_cols if opd.get(c) is not None
         )
         claims.append(Claim(
             "MAR raises quality", ok,
-            f"{quality} {q:.4f} with vs {q0:.4f} without (needs > +{quality_margin}); "
-            f"{tasks_txt} (needs >= -{tolerance})",
+            f"{quality} {q:.4f} with vs {q0:.4f} without ({q - q0:+.4f}{pm(e)}; needs > "
+            f"+{quality_margin}{_beyond(z, e)}); {tasks_txt} (needs >= -{tolerance})",
         ))  # fmt: skip
     return claims
+
+
+def _beyond(z: float, se: float) -> str:
+    return f", needs > {z:g} se = {z * se:.3f}" if se > 0 else ""

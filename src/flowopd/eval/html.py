@@ -18,20 +18,31 @@ COLUMNS = ("toy-geneval", "toy-ocr", "toy-quality")
 def table_rows(
     results: dict[str, dict[str, dict[str, float]]], columns: Sequence[str]
 ) -> list[dict]:
-    """``[{"model": name, col: overall, ..., "average": mean}]`` from {model: metrics.json}.
+    """``[{"model": name, col: overall, ..., "average": mean, "se": {...}}]`` from
+    {model: metrics.json}.
 
-    ``average`` is the mean over the columns present for that model.
+    ``average`` is the mean over the columns present for that model; ``se`` holds each
+    column's standard error (metrics.json's ``overall_se``, where given) and the average's,
+    ``sqrt(sum se_c^2) / k`` (the columns are scored on independent images).
     """
+    from flowopd.eval.stats import diff_se
+
     rows = []
     for model, metrics in results.items():
         row: dict = {"model": model}
-        vals = []
+        vals, ses = [], {}
         for col in columns:
             v = metrics.get(col, {}).get("overall")
             row[col] = None if v is None else round(float(v), 4)
             if v is not None:
                 vals.append(float(v))
+                if metrics[col].get("overall_se") is not None:
+                    ses[col] = round(float(metrics[col]["overall_se"]), 4)
         row["average"] = round(sum(vals) / len(vals), 4) if vals else None
+        if ses:
+            if len(ses) == len(vals):
+                ses["average"] = round(diff_se(*ses.values()) / len(vals), 4)
+            row["se"] = ses
         rows.append(row)
     return rows
 
@@ -101,7 +112,7 @@ def write_html(
                 cells.append("<td>–</td>")
             else:
                 b = " class=best" if v == best.get(c) else ""
-                err = (r.get("std") or {}).get(c)  # multi-seed rows: mean +- std
+                err = (r.get("se") or {}).get(c)  # standard error (of the mean over seeds)
                 txt = f"{v:.3f}" if err is None else f"{v:.3f} &plusmn; {err:.3f}"
                 cells.append(f"<td{b}>{txt}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

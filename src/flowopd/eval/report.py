@@ -25,12 +25,13 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """One block per benchmark: overall first, then categories."""
+    """One block per benchmark: overall (+- its standard error) first, then categories."""
     lines = []
     for bench, vals in metrics.items():
-        lines.append(f"{bench:<14} overall {vals['overall']:.3f}")
+        se = vals.get("overall_se")
+        lines.append(f"{bench:<14} overall {vals['overall']:.3f}" + (f" +- {se:.3f}" if se else ""))
         for k, v in vals.items():
-            if k != "overall":
+            if k not in ("overall", "overall_se"):
                 lines.append(f"  {k:<20} {v:.3f}")
     return "\n".join(lines)
 

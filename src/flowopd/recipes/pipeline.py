@@ -74,7 +74,9 @@ def run_seeds(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[d
 
 def aggregate_seeds(per_seed: dict[int, list[dict]], columns: list[str]) -> list[dict]:
     """Rows of several seeds -> one row per model: the mean of each column (and of the
-    average), ``std`` (sample std, 0 for one seed) and ``seeds`` ({seed: {col: value}})."""
+    average), ``std`` (sample std, 0 for one seed), ``se`` (the standard error of the
+    mean: ``std / sqrt(S)`` over S >= 2 seeds, which holds training and evaluation noise;
+    for one seed that seed's evaluation ``se``) and ``seeds`` ({seed: {col: value}})."""
     models: list[str] = []
     for rows in per_seed.values():
         models += [r["model"] for r in rows if r["model"] not in models]
@@ -95,8 +97,17 @@ def aggregate_seeds(per_seed: dict[int, list[dict]], columns: list[str]) -> list
                 round(statistics.stdev(vals), 4) if len(vals) > 1 else (0.0 if vals else None)
             )
         row["std"], row["seeds"] = std, seeds
+        row["se"] = _mean_se(m, per_seed, [*columns, "average"], std)
         out.append(row)
     return out
+
+
+def _mean_se(model: str, per_seed: dict[int, list[dict]], cols: list[str], std: dict) -> dict:
+    n = len(per_seed)
+    if n >= 2:
+        return {c: round(std[c] / n**0.5, 4) for c in cols if std.get(c) is not None}
+    rows = next(iter(per_seed.values()), [])
+    return dict(next((r.get("se") or {} for r in rows if r["model"] == model), {}))
 
 
 def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None:
@@ -120,7 +131,7 @@ def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None
                 shutil.copyfile(src, dst)
                 images[f"seed {seed}: {what}"] = dst
     notes = (
-        f"mean +- std over seeds {cfg.seeds}; each seed's own report: "
+        f"mean +- standard error (std / sqrt(seeds)) over seeds {cfg.seeds}; each seed's own report: "
         f"seed_<s>/report/index.html\n\nclaims (on the means):\n"
         + "\n".join(c.line() for c in claims)
     )
