@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "flowopd.cli.pipeline",
     "flowopd.cli.serve_reward",
     "flowopd.cli.world",
+    "flowopd.cli.data",
 ]
 
 

@@ -23,18 +23,26 @@ from flowopd.sampling import SampleOutput, Trajectory, sample, step_fn
 WORLD_PREFIX = "world:"  # data spec "world:geneval" / "world:ocr": the embedded world's train split
 
 
-def load_prompts(spec: str, *, split: str = "train", n: int = 4000) -> list[dict]:
-    """Prompt records from a JSONL file, or ``world:TASK`` for the embedded world."""
+def load_prompts(
+    spec: str, *, split: str = "train", n: int = 4000, task: str | None = None
+) -> list[dict]:
+    """Prompt records of a file in any published format (``data.prompts.read_prompt_file``:
+    GenEval metadata JSONL, OCR or plain prompt ``.txt``, prompt-record JSONL), or
+    ``world:TASK`` for the embedded world.
+
+    task: a label for records that carry none (a plain prompt file's lines), e.g. the reward
+    name of a ``data.datasets`` entry, so Flow-OPD can route them to that task's teacher.
+    """
     if spec.startswith(WORLD_PREFIX):
         from flowopd.world.prompts import make_records
 
-        task = spec[len(WORLD_PREFIX) :]
-        return make_records(task, split, n, seed=0)
-    from flowopd.world.prompts import read_jsonl
+        return make_records(spec[len(WORLD_PREFIX) :], split, n, seed=0)
+    from flowopd.data.prompts import read_prompt_file
 
-    recs = read_jsonl(spec)
-    if not recs:
-        raise UserError(f"prompt file '{spec}' holds no prompts")
+    recs = read_prompt_file(spec)
+    if task:
+        for rec in recs:
+            rec.setdefault("task", task)
     return recs
 
 
@@ -76,7 +84,7 @@ def sde_window(sample_cfg, seed: int, epoch: int) -> tuple[int, int] | None:
 def load_datasets(data) -> tuple[list[list[dict]], list[int]]:
     """A config's prompt datasets (``data.datasets`` or ``data.train``) and their mix ratio."""
     if data.datasets:
-        datasets = [load_prompts(d.path) for d in data.datasets]
+        datasets = [load_prompts(d.path, task=d.reward or None) for d in data.datasets]
         return datasets, list(data.mix_ratio or [1] * len(datasets))
     return [load_prompts(data.train)], [1]
 

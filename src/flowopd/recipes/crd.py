@@ -125,7 +125,7 @@ def train_crd(cfg: CRDConfig) -> Run:
 
     # -- data and rewards: one entry per dataset (mixing alternates between them) ----------
     if cfg.data.datasets:
-        datasets = [load_prompts(d.path) for d in cfg.data.datasets]
+        datasets = [load_prompts(d.path, task=d.reward or None) for d in cfg.data.datasets]
         rewards = [build_reward(cfg.reward, d.reward) for d in cfg.data.datasets]
         labels = [d.label for d in cfg.data.datasets]
     else:

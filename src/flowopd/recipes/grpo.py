@@ -51,7 +51,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
 
     # -- data and rewards: one entry per dataset (GRPO-Mix alternates between them) --------
     if cfg.data.datasets:
-        datasets = [load_prompts(d.path) for d in cfg.data.datasets]
+        datasets = [load_prompts(d.path, task=d.reward or None) for d in cfg.data.datasets]
         rewards = [build_reward(cfg.reward, d.reward) for d in cfg.data.datasets]
         labels = [d.label for d in cfg.data.datasets]
     else:

@@ -172,7 +172,11 @@ class ModelConfig:
 class DatasetConfig:
     """One prompt dataset of a GRPO-Mix run."""
 
-    path: str = _help("JSONL of prompt records ({prompt, task, ...}).", "")
+    path: str = _help(
+        "Prompt file: GenEval metadata JSONL, OCR or plain prompt .txt, or JSONL of prompt "
+        "records ({prompt, task, ...}); records without a task get this entry's reward name.",
+        "",
+    )
     reward: str = _help("Reward scoring this dataset's prompts; '' = the reward section.", "")
     name: str = _help("Label in logs; '' = the file name without extension.", "")
 
@@ -187,9 +191,14 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt datasets: JSONL files, one record per line with 'prompt', 'task' and metadata."""
+    """Prompt datasets, in the published formats (``flowopd.data.prompts``): GenEval metadata
+    JSONL, OCR prompt .txt (target in double quotes), plain prompt .txt, prompt-record JSONL."""
 
-    train: str = _help("Training prompts (JSONL). Leave empty when data.datasets is used.", "")
+    train: str = _help(
+        "Training prompts (GenEval metadata JSONL, OCR or plain prompt .txt, prompt-record "
+        "JSONL). Leave empty when data.datasets is used.",
+        "",
+    )
     datasets: list[DatasetConfig] = _help(
         "GRPO-Mix: several prompt datasets, each with its own reward; epochs alternate "
         "between them in data.mix_ratio.",

@@ -500,11 +500,11 @@ def read_geneval_metadata(path: str | Path) -> list[dict]:
 
     Each record also gets ``"task": "geneval"`` (for ``route_by_task``) unless it has a task.
     """
+    from flowopd.data.text import read_text_lines
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GenEval metadata file not found: {path}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_lines(path, "GenEval metadata file"), 1):
         if not line.strip():
             continue
         try:

@@ -75,11 +75,11 @@ def read_ocr_prompts(path: str | Path) -> list[dict]:
     Returns one record a non-empty line: ``{"prompt", "target", "task": "ocr"}``. A line without a
     quoted target is a ``UserError`` naming the line, since it could never score above 0.
     """
+    from flowopd.data.text import read_text_lines
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"OCR prompt file not found: {path}")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_lines(path, "OCR prompt file"), 1):
         prompt = line.strip()
         if not prompt:
             continue
