@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from flowopd import sde
-from flowopd.errors import UserError
 from flowopd.models.base import Cond, FlowModel
 from flowopd.sampling import SampleOutput, Trajectory, sample, step_fn
 
