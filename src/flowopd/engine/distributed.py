@@ -37,6 +37,7 @@ __all__ = [
     "rank",
     "world_size",
     "gather_cat",
+    "gather_shards",
     "shard_indices",
     "broadcast_object",
     "barrier",
@@ -176,6 +177,27 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (rank < extra)))
+
+
+def gather_shards(local: Tensor, n: int) -> Tensor:
+    """Per-item results of ``shard_indices`` shards, gathered in the global order: (n, ...).
+
+    local: this process's results for its shard of ``range(n)``, (len(shard), ...); shards
+    may differ in size by one (or be empty when n < W), which ``gather_cat`` alone cannot
+    take: each is padded to the largest size, gathered, and the padding dropped. Identity
+    (a detached copy) in a single process.
+    """
+    world, me = world_size(), rank()
+    sizes = [len(shard_indices(n, r, world)) for r in range(world)]
+    if local.shape[0] != sizes[me]:
+        raise ValueError(f"process {me} holds {local.shape[0]} results for a shard of {sizes[me]}")
+    if world == 1 or not _dist_ready():
+        return local.detach()
+    width = max(sizes)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: sizes[me]] = local.detach()
+    blocks = gather_cat(padded).reshape(world, width, *local.shape[1:])
+    return torch.cat([blocks[r, : sizes[r]] for r in range(world)])
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:

@@ -470,8 +470,19 @@ class EvalConfig:
     """Periodic evaluation with the ODE sampler (and the EMA weights when train.ema)."""
 
     every: int = _help("Evaluate every this many epochs (0 = only at the end).", 60)
-    num_prompts: int | None = _help("Evaluation prompts; null = all of data.test.", None)
-    benchmarks: list[str] = _help("Benchmarks to report, by name.", factory=list)
+    num_prompts: int | None = _help(
+        "Unique prompts per benchmark; null = all of each benchmark's prompt file.", None
+    )
+    benchmarks: list[str] = _help(
+        "Benchmarks to report: geneval=PATH (GenEval metadata JSONL), ocr=PATH (OCR prompts "
+        ".txt), pickscore=PATH (DrawBench prompts .txt), toy-geneval, toy-ocr, toy-quality.",
+        factory=list,
+    )
+    images_per_prompt: int | None = _help(
+        "Images sampled per unique prompt; null = each benchmark's published count "
+        "(GenEval 4, OCR 1, DrawBench 5; docs/EVALUATION.md).",
+        None,
+    )
     batch_size: int = _help("Evaluation batch per process.", 16)
 
     def validate(self) -> None:
@@ -481,6 +492,10 @@ class EvalConfig:
             raise UserError(f"eval.num_prompts must be >= 1 (or null), got {self.num_prompts}")
         if self.batch_size < 1:
             raise UserError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.images_per_prompt is not None and self.images_per_prompt < 1:
+            raise UserError(
+                f"eval.images_per_prompt must be >= 1 (or null), got {self.images_per_prompt}"
+            )
 
 
 @dataclass

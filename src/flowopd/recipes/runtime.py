@@ -108,30 +108,37 @@ def reduce_gradients(params: list[nn.Parameter], world: int) -> None:
 
 
 def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float]:
-    """Evaluate the benchmarks with the EMA weights on the main process; write eval/."""
+    """Evaluate the benchmarks with the EMA weights on every process, each sampling and
+    scoring its share of the images (scores gathered, so the metrics are the same on every
+    process and no process waits at a barrier through the evaluation); the main process
+    writes eval/. Returns the flat metrics for the log."""
     from contextlib import nullcontext
 
-    from flowopd.eval.benchmarks import EvalSettings, evaluate
+    from flowopd.eval.benchmarks import EvalSettings, evaluate, protocol_record
     from flowopd.eval.report import save_grid, write_json
 
-    if not run.main or not cfg.eval.benchmarks:
+    if not cfg.eval.benchmarks:
         return {}
     settings = EvalSettings(
         steps=cfg.sample.eval_num_steps,
         guidance_scale=cfg.model.guidance_scale,
+        resolution=cfg.model.resolution,
+        images_per_prompt=getattr(cfg.eval, "images_per_prompt", None),
         n=cfg.eval.num_prompts,
         batch_size=cfg.eval.batch_size,
+        # the eval scorers load the same local weights as the training rewards
+        reward_options=dict(getattr(getattr(cfg, "reward", None), "options", None) or {}),
     )
     was_training = run.model.transformer.training
     run.model.transformer.eval()
     with ema.swapped(params) if ema is not None else nullcontext():
         res = evaluate(run.model, cfg.eval.benchmarks, settings)
     run.model.transformer.train(was_training)
-    write_json(run.out / "eval" / "metrics.json", res.metrics)
-    write_json(run.out / "eval" / f"epoch-{epoch + 1:04d}" / "metrics.json", res.metrics)
-    images = torch.cat(list(res.images.values()))[:48]
-    captions = sum((res.prompts[k] for k in res.images), [])[:48]
-    save_grid(run.out / "eval" / "grid.png", images, captions)
+    if run.main:
+        write_json(run.out / "eval" / "metrics.json", res.metrics)
+        write_json(run.out / "eval" / f"epoch-{epoch + 1:04d}" / "metrics.json", res.metrics)
+        write_json(run.out / "eval" / "protocol.json", protocol_record(res))
+        save_grid(run.out / "eval" / "grid.png", *res.grid(48))
     flat = {}
     for bench, vals in res.metrics.items():
         for k, v in vals.items():
