@@ -111,7 +111,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(tmp_path, tiny_pixel_dir
 def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    common = {"train.epochs": "1", "train.ema": "false", "sample.batch_size": "8"}
+    common = {"train.epochs": "1", "train.ema": "false", "sample.batch_size": "8",
+              # the end-of-run evaluation, 5 prompts x 3 images: shards of 8 and 7 images
+              "eval.benchmarks": "[toy-geneval,toy-quality]", "eval.num_prompts": "5",
+              "eval.images_per_prompt": "3"}  # fmt: skip
     run_cli(*_config(one, tiny_pixel_dir, **common, **{"train.batch_size": "16"}))
     args = _config(two, tiny_pixel_dir, **common, **{"train.batch_size": "8"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -125,3 +128,14 @@ def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)  # float summation order
     assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_B" in k)
+    # every process evaluated its share; the gathered metrics match one process's (the
+    # weights agree to float summation order, hence the tolerance)
+    m1 = json.loads((one / "run" / "eval" / "metrics.json").read_text())
+    m2 = json.loads((two / "run" / "eval" / "metrics.json").read_text())
+    assert m1.keys() == m2.keys() == {"toy-geneval", "toy-quality"}
+    for bench in m1:
+        assert m1[bench] == pytest.approx(m2[bench], abs=1e-4)
+    assert (
+        json.loads((two / "run" / "eval" / "protocol.json").read_text())["toy-geneval"]["images"]
+        == 15
+    )

@@ -43,7 +43,9 @@ def register(sub) -> None:
                         "papers evaluate SD3.5-M; toy benchmarks: the model's)")  # fmt: skip
     g.add_argument("--images-per-prompt", type=int, default=None,
                    help="images per unique prompt (default: GenEval 4, OCR 1, DrawBench 5, toy 1)")  # fmt: skip
-    g.add_argument("--n", type=int, default=None, help="unique prompts per benchmark (default all)")
+    g.add_argument("--num-prompts", "--n", dest="n", type=int, default=None,
+                   help="unique prompts per benchmark (default all); under torchrun spell it "
+                        "--num-prompts (torchrun takes --n for its own --nnodes)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32, help="sampling batch per process")
     s = p.add_argument_group("scorers (local weights; nothing is downloaded when offline)")
@@ -67,7 +69,7 @@ def register(sub) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     from flowopd.errors import UserError
 
-    ranges = {"--steps": (args.steps, 1, 1000), "--n": (args.n, 1, 10**7),
+    ranges = {"--steps": (args.steps, 1, 1000), "--num-prompts": (args.n, 1, 10**7),
               "--batch-size": (args.batch_size, 1, 4096),
               "--images-per-prompt": (args.images_per_prompt, 1, 1000),
               "--resolution": (args.resolution, 8, 8192), "--seed": (args.seed, 0, 2**31 - 1)}  # fmt: skip

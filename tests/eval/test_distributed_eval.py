@@ -1,0 +1,40 @@
+"""Distributed evaluation: 2 processes (torchrun, gloo, CPU) write the same metrics.json as 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowopd.engine.distributed import gather_shards
+from tests.recipes.conftest import cli_env, run_cli
+
+
+def test_gather_shards_is_the_identity_in_one_process():
+    x = torch.arange(5.0)
+    assert torch.equal(gather_shards(x, 5), x)
+    with pytest.raises(ValueError, match="holds 4 results for a shard of 5"):
+        gather_shards(x[:4], 5)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_metrics_as_one(tmp_path, tiny_pixel_dir):
+    # 5 prompts x 3 images = 15 images a benchmark: uneven shards of 8 and 7
+    args = ["eval", "--model", str(tiny_pixel_dir), "--benchmark", "toy-geneval,toy-ocr,toy-quality",
+            "--num-prompts", "5", "--images-per-prompt", "3", "--steps", "3", "--batch-size", "4"]  # fmt: skip
+    run_cli(*args, "--out", str(tmp_path / "one"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29561", "-m", "flowopd", *args, "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("on 2 process(es)") == 3  # printed once (main process), per benchmark
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one == two
+    assert set(one) == {"toy-geneval", "toy-ocr", "toy-quality"}
+    p1 = json.loads((tmp_path / "one" / "protocol.json").read_text())
+    p2 = json.loads((tmp_path / "two" / "protocol.json").read_text())
+    assert p1 == p2 and p1["toy-ocr"]["images"] == 15
