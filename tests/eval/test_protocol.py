@@ -71,7 +71,7 @@ def test_published_protocols_are_pinned():
 def test_geneval_samples_4_images_per_prompt_at_the_papers_settings(tmp_path, tiny_model, recorded):
     opts = {"geneval": {"detector": OneCup(), "colors": "hsv"}}
     res = evaluate(
-        tiny_model, [_geneval_file(tmp_path)], EvalSettings(batch_size=5, reward_options=opts)
+        tiny_model, [_geneval_file(tmp_path)], EvalSettings(batch_size=5, scorer_options=opts)
     )
     name = next(iter(res.metrics))
     # 3 unique prompts (repeats dropped) x 4 images, in batches of 5
@@ -98,7 +98,7 @@ def test_geneval_samples_4_images_per_prompt_at_the_papers_settings(tmp_path, ti
 def test_explicit_settings_override_the_protocol(tmp_path, tiny_model, recorded):
     opts = {"geneval": {"detector": OneCup(), "colors": "hsv"}}
     settings = EvalSettings(steps=7, guidance_scale=2.0, resolution=64, images_per_prompt=2,
-                            n=2, reward_options=opts)  # fmt: skip
+                            n=2, scorer_options=opts)  # fmt: skip
     res = evaluate(tiny_model, [_geneval_file(tmp_path)], settings)
     assert len(recorded) == 1 and len(recorded[0]["prompts"]) == 4  # 2 prompts x 2 images
     c = recorded[0]
@@ -115,11 +115,11 @@ def test_toy_benchmarks_keep_the_models_own_settings(tiny_model, recorded):
 
 def test_scorer_options_reach_the_reward_factories(tmp_path, tiny_model):
     missing = str(tmp_path / "no_pickscore")
-    settings = EvalSettings(reward_options={"pickscore": {"model": missing}})
+    settings = EvalSettings(scorer_options={"pickscore": {"model": missing}})
     with pytest.raises(UserError, match="no such directory") as e:
         make_scorer("pickscore=x.txt", settings, tiny_model)
     assert "\n" not in str(e.value)
-    scorer = make_scorer("geneval=x", EvalSettings(reward_options={"geneval": {
+    scorer = make_scorer("geneval=x", EvalSettings(scorer_options={"geneval": {
         "detector": OneCup(), "colors": "hsv", "mode": "partial", "threshold": 0.99}}), tiny_model)  # fmt: skip
     assert scorer.mode == "correct"  # the benchmark is always GenEval's 0/1 judgement
     assert scorer.config.threshold == 0.99

@@ -83,7 +83,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def scorer_options(args: argparse.Namespace) -> dict[str, dict]:
-    """``EvalSettings.reward_options`` from the scorer flags (only the flags given)."""
+    """``EvalSettings.scorer_options`` from the scorer flags (only the flags given)."""
     geneval = {"detector": args.geneval_detector, "clip_model": args.geneval_clip,
                "colors": args.geneval_colors, "device": args.scorer_device}  # fmt: skip
     pick = {"model": args.pickscore_model, "processor": args.pickscore_processor,
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(steps=args.steps, guidance_scale=args.guidance,
                             resolution=args.resolution, images_per_prompt=args.images_per_prompt,
                             n=args.n, seed=args.seed, batch_size=args.batch_size,
-                            reward_options=scorer_options(args))  # fmt: skip
+                            scorer_options=scorer_options(args))  # fmt: skip
     try:
         _evaluate_all(args, names, settings)
     finally:

@@ -72,7 +72,7 @@ TOY_PROTOCOL = Protocol()  # the embedded model's own CFG and resolution, one im
 class EvalSettings:
     """Evaluation options; None takes each benchmark's ``Protocol`` value.
 
-    reward_options: scorer options per real benchmark, passed to its reward factory, e.g.
+    scorer_options: scorer options per real benchmark, passed to its reward factory, e.g.
     ``{"geneval": {"detector": DIR, "clip_model": DIR, "device": "cuda:0"},
     "pickscore": {"model": DIR, "processor": DIR}}``; a scorer's device defaults to the
     model's.
@@ -85,7 +85,7 @@ class EvalSettings:
     n: int | None = None  # unique prompts per benchmark (None: all)
     seed: int = 0
     batch_size: int = 32
-    reward_options: dict[str, dict] = field(default_factory=dict)
+    scorer_options: dict[str, dict] = field(default_factory=dict)
     adapters: Sequence[str] | None = None  # not used: the active adapter is evaluated
 
 
@@ -220,7 +220,7 @@ def generate(
 
 
 def _scorer_options(base: str, settings: EvalSettings, model: FlowModel) -> dict:
-    opts = dict(settings.reward_options.get(base, {}))
+    opts = dict(settings.scorer_options.get(base, {}))
     if base in ("geneval", "pickscore"):
         opts.setdefault("device", str(model.device))
     if base == "geneval":

@@ -127,7 +127,7 @@ def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float
         n=cfg.eval.num_prompts,
         batch_size=cfg.eval.batch_size,
         # the eval scorers load the same local weights as the training rewards
-        reward_options=dict(getattr(getattr(cfg, "reward", None), "options", None) or {}),
+        scorer_options=dict(getattr(getattr(cfg, "reward", None), "options", None) or {}),
     )
     was_training = run.model.transformer.training
     run.model.transformer.eval()
