@@ -313,7 +313,7 @@ def test_grpo_mix_datasets(data_files, base_overrides):
         apply_overrides(cfg, ["data.mix_ratio=[1]"]).data.validate()
 
 
-@pytest.mark.parametrize("name", ["grpo_geneval", "grpo_ocr"])
+@pytest.mark.parametrize("name", ["grpo_geneval", "grpo_ocr", "grpo_pickscore"])
 def test_sd35m_presets(name, data_files):
     path = REPO / "configs" / "sd35m" / f"{name}.yaml"
     cfg = load_config(GRPOConfig, path, validate=False)
@@ -335,3 +335,33 @@ def test_dump_resolved_grpo_config_round_trips(base_overrides, tmp_path):
     p = _write(tmp_path, dump_config(cfg), "config.yaml")
     assert load_config(GRPOConfig, p) == cfg
     assert "sample.group_size: int = 24" in config_help(GRPOConfig)
+
+
+def test_sd35m_pickscore_preset_has_flow_grpos_settings():
+    cfg = load_config(
+        GRPOConfig, REPO / "configs" / "sd35m" / "grpo_pickscore.yaml", validate=False
+    )
+    # Flow-GRPO's pickscore_sd3: KL 0.01 (0.04 for GenEval/OCR), the rest as the GenEval preset
+    assert cfg.reward.name == "pickscore" and cfg.train.beta_kl == 0.01
+    assert (cfg.model.resolution, cfg.model.guidance_scale, cfg.sample.noise_level) == (
+        512,
+        4.5,
+        0.7,
+    )
+    assert (cfg.sample.group_size, cfg.sample.prompts_per_epoch, cfg.train.lr) == (24, 48, 3e-4)
+    assert cfg.data.train.endswith(".txt")  # the published plain prompt file
+    assert cfg.eval.benchmarks == ["pickscore=data/drawbench/test.txt"]
+
+
+def test_sd35m_opd_names_only_teachers_with_presets():
+    from flowopd.recipes.opd_config import OPDConfig
+
+    presets = REPO / "configs" / "sd35m"
+    made = {}  # adapter dir a preset writes -> preset
+    for path in presets.glob("grpo_*.yaml"):
+        cfg = load_config(GRPOConfig, path, validate=False)
+        made[f"{cfg.output.dir}/lora"] = path.name
+    opd = load_config(OPDConfig, presets / "opd.yaml", validate=False)
+    needed = [t.path for t in opd.opd.teachers] + [opd.opd.anchor]
+    assert all(p in made for p in needed), (needed, made)
+    assert made["runs/sd35m_grpo_pickscore/lora"] == "grpo_pickscore.yaml"
