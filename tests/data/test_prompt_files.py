@@ -59,6 +59,16 @@ def test_formats_are_told_apart_by_content(tmp_path):
     assert read_prompt_file(tmp_path / "bom.txt") == [{"prompt": "a red apple"}]
 
 
+def test_a_mixed_jsonl_file_is_read_as_prompt_records(tmp_path):
+    ocr = json.dumps({"prompt": OCR_LINES[1], "target": "Forever Yours", "task": "ocr"})
+    path = _write(tmp_path / "mixed.jsonl", [GENEVAL_LINE, ocr])
+    assert detect_format(path, path.read_text().splitlines()) == "jsonl"
+    recs = read_prompt_file(path)
+    assert [r.get("task") for r in recs] == [None, "ocr"] and recs[0]["include"][1][
+        "class"
+    ] == "cow"
+
+
 def test_load_prompts_reads_every_format_and_labels_plain_ones(tmp_path):
     gen = _write(tmp_path / "g.jsonl", [GENEVAL_LINE])
     assert load_prompts(str(gen))[0]["task"] == "geneval"
@@ -72,7 +82,9 @@ def test_load_prompts_reads_every_format_and_labels_plain_ones(tmp_path):
 @pytest.mark.parametrize(
     "name, content, needles",
     [
-        ("bad.jsonl", b'{"tag": "colors", "include": []}\n{oops\n', ["bad.jsonl:1", "'prompt'"]),
+        ("bad.jsonl", b'{"tag": "colors", "include": []}\n{oops\n', ["bad.jsonl:2", "not valid JSON"]),
+        ("np.jsonl", b'{"tag": "colors", "include": [{"class": "cup", "count": 1}]}\n',
+         ["np.jsonl:1", "'prompt' missing"]),
         ("bad2.jsonl", GENEVAL_LINE.encode() + b"\n{oops\n", ["bad2.jsonl:2", "not valid JSON"]),
         ("c.jsonl", b'{"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "teal"}],'
          b' "prompt": "a teal cup"}\n', ["c.jsonl:1", "teal"]),

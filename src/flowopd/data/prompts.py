@@ -2,7 +2,7 @@
 
 A record is a dict with at least ``"prompt"``; the formats, told apart by content:
 
-- **GenEval metadata** (JSONL): ``{"tag", "include", "exclude"?, "prompt"}`` a line, as
+- **GenEval metadata** (JSONL, every line): ``{"tag", "include", "exclude"?, "prompt"}``, as
   GenEval's ``evaluation_metadata.jsonl`` and Flow-GRPO's ``train/test_metadata.jsonl``;
   records get ``"task": "geneval"``;
 - **prompt records** (JSONL): any JSON object with a non-empty ``"prompt"`` string;
@@ -12,8 +12,8 @@ A record is a dict with at least ``"prompt"``; the formats, told apart by conten
 - **plain prompts** (``.txt``): one prompt a line (PickScore, DrawBench).
 
 Detection (``detect_format``): a file whose first non-empty line starts with ``{`` is JSONL
-(GenEval metadata when that object has ``tag`` and ``include``); a ``.jsonl``/``.json`` file
-must be JSONL. A text file is OCR prompts when at least half of its lines hold a quoted
+(GenEval metadata, validated line by line, when every object has ``tag`` and ``include``); a
+``.jsonl``/``.json`` file must be JSONL. A text file is OCR prompts when at least half of its lines hold a quoted
 target, else plain prompts: plain prompt sets quote rarely (DrawBench: 0 of 1,000 lines), OCR
 sets on every line, so a few lines without a target in an OCR file are errors, not a switch of
 format. Pass ``format=`` to skip detection. Every malformed line is a one-line ``UserError``
@@ -41,11 +41,8 @@ def detect_format(path: str | os.PathLike, lines: list[str]) -> str:
     if not body:
         raise UserError(f"prompt file {path} holds no prompts; give one prompt a line")
     if body[0].startswith("{"):
-        try:
-            first = json.loads(body[0])
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{_lineno(lines, 0)}: not valid JSON ({e.msg})") from None
-        is_geneval = isinstance(first, dict) and "include" in first and "tag" in first
+        recs = _parse_json_lines(Path(path), lines)
+        is_geneval = all("include" in r and "tag" in r for _, r in recs)
         return "geneval" if is_geneval else "jsonl"
     if Path(path).suffix.lower() in JSON_SUFFIXES:
         raise UserError(
@@ -67,9 +64,9 @@ def _lineno(lines: list[str], k: int) -> int:
     return len(lines)
 
 
-def _json_records(path: Path, lines: list[str], geneval: bool) -> list[dict]:
-    from flowopd.rewards.geneval import _check_metadata
-
+def _parse_json_lines(path: Path, lines: list[str]) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line; a line that is not a JSON object is a
+    ``UserError`` naming it."""
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -80,10 +77,24 @@ def _json_records(path: Path, lines: list[str], geneval: bool) -> list[dict]:
             raise UserError(
                 f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line"
             ) from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{i}: expected a JSON object with a 'prompt' string")
+        out.append((i, rec))
+    return out
+
+
+def _json_records(path: Path, lines: list[str], geneval: bool) -> list[dict]:
+    """Prompt records of a JSONL file; ``geneval``: every line is GenEval metadata (validated,
+    ``task`` defaults to geneval). Otherwise any object with a ``prompt`` string (a mixed file
+    of GenEval and OCR records, as the toy world writes, is of this kind)."""
+    from flowopd.rewards.geneval import _check_metadata
+
+    out = []
+    for i, rec in _parse_json_lines(path, lines):
         if geneval:
             rec = _check_metadata(rec, f"{path}:{i}")
             rec.setdefault("task", "geneval")
-        elif not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        elif not isinstance(rec.get("prompt"), str):
             raise UserError(f"{path}:{i}: expected a JSON object with a 'prompt' string")
         if not rec["prompt"].strip():
             raise UserError(f"{path}:{i}: empty 'prompt'; give the line a prompt or remove it")
