@@ -94,8 +94,8 @@ def test_load_prompts_reads_every_format_and_labels_plain_ones(tmp_path):
         ("ocr.txt", "\n".join([*OCR_LINES, OCR_LINES[0], "no target here"]).encode(),
          ["ocr.txt:4", "double quotes"]),
         ("empty.txt", b"\n  \n", ["empty.txt", "holds no prompts"]),
-        ("bin.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", ["bin.txt", "binary file"]),
-        ("latin1.txt", b"a cat\na caf\xe9 sign\n", ["latin1.txt:2", "not UTF-8", "re-save"]),
+        ("bin.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", ["bin.txt", "is a binary file"]),
+        ("latin1.txt", b"a cat\na caf\xe9 sign\n", ["latin1.txt", "is not UTF-8 text", "line 2", "re-save"]),
     ],
 )  # fmt: skip
 def test_malformed_files_are_one_line_errors(tmp_path, name, content, needles):
@@ -123,7 +123,7 @@ def test_real_benchmark_readers_share_the_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="binary file"):
         read_geneval_metadata(tmp_path / "bin.jsonl")
     (tmp_path / "l1.txt").write_bytes(b'a sign "caf\xe9"\n')
-    with pytest.raises(UserError, match=r"l1.txt:1: byte 0xe9 is not UTF-8"):
+    with pytest.raises(UserError, match=r"l1.txt is not UTF-8 text \(byte 0xe9 on line 1\)"):
         read_ocr_prompts(tmp_path / "l1.txt")
 
 

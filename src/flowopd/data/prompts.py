@@ -46,8 +46,8 @@ def detect_format(path: str | os.PathLike, lines: list[str]) -> str:
         return "geneval" if is_geneval else "jsonl"
     if Path(path).suffix.lower() in JSON_SUFFIXES:
         raise UserError(
-            f"{path}:{_lineno(lines, 0)}: a {Path(path).suffix} file needs one JSON object a "
-            "line; rename it to .txt if it holds one prompt a line"
+            f"{path}:{_lineno(lines, 0)}: not valid JSON: a {Path(path).suffix} file needs one "
+            "JSON object a line; rename it to .txt if it holds one prompt a line"
         )
     quoted = sum(extract_target(ln) is not None for ln in body)
     return "ocr" if 2 * quoted >= len(body) else "plain"

@@ -33,7 +33,7 @@ def read_text_lines(path: str | os.PathLike, what: str = "prompt file") -> list[
         ) from None
     if b"\x00" in raw[:_SNIFF]:
         raise UserError(
-            f"{what} {p} is a binary file, not text; pass a UTF-8 text file "
+            f"{what} {p} is a binary file, not UTF-8 text; pass a UTF-8 text file "
             "(.jsonl or .txt, one prompt a line)"
         )
     try:
@@ -41,7 +41,8 @@ def read_text_lines(path: str | os.PathLike, what: str = "prompt file") -> list[
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(
-            f"{p}:{line}: byte {raw[e.start]:#04x} is not UTF-8; re-save the {what} as UTF-8"
+            f"{what} {p} is not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); "
+            "re-save it as UTF-8"
         ) from None
     return text.splitlines()
 
