@@ -37,4 +37,11 @@ def test_two_processes_write_the_same_metrics_as_one(tmp_path, tiny_pixel_dir):
     assert set(one) == {"toy-geneval", "toy-ocr", "toy-quality"}
     p1 = json.loads((tmp_path / "one" / "protocol.json").read_text())
     p2 = json.loads((tmp_path / "two" / "protocol.json").read_text())
+    assert p1["toy-ocr"]["images_per_process"] == [15] and p2["toy-ocr"]["images_per_process"] == [
+        8,
+        7,
+    ]
+    for p in (p1, p2):
+        for bench in p.values():
+            bench.pop("images_per_process")
     assert p1 == p2 and p1["toy-ocr"]["images"] == 15

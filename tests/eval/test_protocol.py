@@ -92,7 +92,8 @@ def test_geneval_samples_4_images_per_prompt_at_the_papers_settings(tmp_path, ti
     assert res.scores[name].tolist() == [1.0] * 4 + [0.0] * 8
     assert res.metrics[name] == {"overall": 0.25, "single_object": 0.5, "two_object": 0.0}
     assert protocol_record(res)[name] == {"prompts": 3, "images_per_prompt": 4, "steps": 40,
-                                          "guidance_scale": 4.5, "resolution": 512, "images": 12}  # fmt: skip
+                                          "guidance_scale": 4.5, "resolution": 512, "images": 12,
+                                          "images_per_process": [12]}  # fmt: skip
 
 
 def test_explicit_settings_override_the_protocol(tmp_path, tiny_model, recorded):

@@ -135,7 +135,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
     assert m1.keys() == m2.keys() == {"toy-geneval", "toy-quality"}
     for bench in m1:
         assert m1[bench] == pytest.approx(m2[bench], abs=1e-4)
-    assert (
-        json.loads((two / "run" / "eval" / "protocol.json").read_text())["toy-geneval"]["images"]
-        == 15
-    )
+    # ... each sampling its own share (counted where sampled), not rank 0 alone
+    protocol = json.loads((two / "run" / "eval" / "protocol.json").read_text())
+    assert protocol["toy-geneval"]["images"] == 15
+    assert protocol["toy-geneval"]["images_per_process"] == [8, 7]

@@ -123,6 +123,7 @@ class EvalResult:
     prompts: dict[str, list[str]] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
     plans: dict[str, Plan] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)  # images each process sampled
 
     def grid(self, limit: int = 64) -> tuple[Tensor, list[str]]:
         """Up to ``limit`` of this process's images with their prompts, for a grid: those of
@@ -298,6 +299,7 @@ def _run(model: FlowModel, name: str, settings: EvalSettings, result: EvalResult
     result.metrics[name] = benchmark_metrics(name, scores, all_recs)
     result.images[name], result.prompts[name] = images, [r["prompt"] for r in my_recs]
     result.scores[name], result.plans[name] = scores, plan
+    result.sampled[name] = dist.gather_cat(torch.tensor(len(images))).tolist()  # as counted
 
 
 def evaluate(
@@ -331,5 +333,9 @@ def evaluate(
 
 def protocol_record(result: EvalResult) -> dict[str, dict]:
     """protocol.json: each benchmark's resolved sampling (prompts, images per prompt, steps,
-    CFG, resolution), so a metrics.json can be checked against the published protocol."""
-    return {name: {**asdict(p), "images": p.images} for name, p in result.plans.items()}
+    CFG, resolution) and the images each process sampled, so a metrics.json can be checked
+    against the published protocol."""
+    return {
+        name: {**asdict(p), "images": p.images, "images_per_process": result.sampled.get(name)}
+        for name, p in result.plans.items()
+    }
