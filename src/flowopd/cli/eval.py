@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="images per unique prompt (default: GenEval 4, OCR 1, DrawBench 5, toy 1)")  # fmt: skip
     g.add_argument("--num-prompts", "--n", dest="n", type=int, default=None,
                    help="unique prompts per benchmark (default all); under torchrun spell it "
-                        "--num-prompts (torchrun takes --n for its own --nnodes)")  # fmt: skip
+                        "--num-prompts (torchrun reads --n as an abbreviation of its own options)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32, help="sampling batch per process")
     s = p.add_argument_group("scorers (local weights; nothing is downloaded when offline)")
