@@ -100,7 +100,7 @@ def test_cli_writes_readable_metadata_atomically(tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--n", "0"], "--n must be in [1, 10000000]"),
+        (["--n", "0"], "--n must be in [1, 1000000]"),
         (["--seed", "-1"], "--seed must be in [0, 2^32)"),
         (["--exclude", "/nonexistent.jsonl"], "not found"),
     ],

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+MAX_DRAWS = 1_000_000  # draws per tag: beyond this nearly every draw repeats a kept prompt
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="prepare training prompt files")
@@ -42,8 +44,11 @@ def _geneval_train(args: argparse.Namespace) -> int:
     from flowopd.data.text import write_jsonl
     from flowopd.errors import UserError
 
-    if not 1 <= args.n <= 10_000_000:
-        raise UserError(f"--n must be in [1, 10000000], got {args.n}")
+    if not 1 <= args.n <= MAX_DRAWS:
+        raise UserError(
+            f"--n must be in [1, {MAX_DRAWS}], got {args.n} (draws per tag; GenEval's whole "
+            "prompt space is ~285,000 prompts up to object order)"
+        )
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     exclude = [r for path in args.exclude for r in read_prompt_file(path, format="geneval")]

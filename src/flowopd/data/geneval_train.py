@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -123,16 +123,21 @@ DRAWN = {"two_object": two_object, "counting": counting, "colors": colors,
          "position": position, "color_attr": color_attr}  # fmt: skip
 
 
+def _draws(seed: int, n: int) -> Iterator[dict]:
+    """GenEval's draws in its order: every single object, then n of each other tag."""
+    rng = np.random.default_rng(seed)
+    yield from single_objects(rng)
+    for make in DRAWN.values():
+        for _ in range(n):
+            yield make(rng)
+
+
 def geneval_suite(seed: int = GENEVAL_SEED, n: int = GENEVAL_DRAWS) -> list[dict]:
     """GenEval's generator: every single object, then ``n`` draws of each other tag in
     GenEval's order, exact repeats dropped (first kept). ``(43, 100)``: the 553 test prompts."""
-    rng = np.random.default_rng(seed)
-    drawn = single_objects(rng)
-    for make in DRAWN.values():
-        drawn += [make(rng) for _ in range(n)]
     seen: set[str] = set()
     out = []
-    for rec in drawn:
+    for rec in _draws(seed, n):
         key = json.dumps(rec, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -160,7 +165,7 @@ def geneval_train(n: int = 10_000, seed: int = 0, exclude: Iterable[dict] = ()) 
     of ``exclude``, nor repeats of each other up to object order. Records in draw order."""
     banned = {prompt_key(r) for r in geneval_suite()} | {prompt_key(r) for r in exclude}
     out = []
-    for rec in geneval_suite(seed, n):
+    for rec in _draws(seed, n):  # streamed: memory grows with the prompts kept, not drawn
         key = prompt_key(rec)
         if key not in banned:
             banned.add(key)
