@@ -108,9 +108,10 @@ def test_explicit_settings_override_the_protocol(tmp_path, tiny_model, recorded)
 
 
 def test_toy_benchmarks_keep_the_models_own_settings(tiny_model, recorded):
+    tiny_model.default_guidance_scale = 3.0  # as the embedded model's flowopd.json says
     evaluate(tiny_model, ["toy-ocr"], EvalSettings(n=2))
     c = recorded[0]
-    assert c["resolution"] is None and c["guidance_scale"] == tiny_model.default_guidance_scale
+    assert c["resolution"] is None and c["guidance_scale"] == 3.0
     assert len(c["prompts"]) == 2 and c["num_steps"] == 40
 
 
