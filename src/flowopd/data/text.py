@@ -33,7 +33,7 @@ def read_text_lines(path: str | os.PathLike, what: str = "prompt file") -> list[
         ) from None
     if b"\x00" in raw[:_SNIFF]:
         raise UserError(
-            f"{what} {p} is a binary file, not UTF-8 text; pass a UTF-8 text file "
+            f"{what} {p} is not UTF-8 text (it is a binary file); pass a UTF-8 text file "
             "(.jsonl or .txt, one prompt a line)"
         )
     try:

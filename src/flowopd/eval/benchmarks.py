@@ -168,8 +168,18 @@ def benchmark_records(name: str, n: int | None) -> list[dict]:
     from flowopd.data.prompts import read_prompt_file, unique_records
 
     base, path = name.split("=", 1)
-    fmt = {"geneval": "geneval", "ocr": "ocr", "pickscore": "plain"}[base]
-    recs = unique_records(read_prompt_file(path.strip(), format=fmt))
+    path = path.strip()
+    if base == "geneval":
+        from flowopd.rewards.geneval import read_geneval_metadata
+
+        recs = read_geneval_metadata(path)
+    elif base == "ocr":
+        from flowopd.rewards.ocr import read_ocr_prompts
+
+        recs = read_ocr_prompts(path)
+    else:  # pickscore: plain prompts, one a line (DrawBench)
+        recs = read_prompt_file(path, format="plain")
+    recs = unique_records(recs)
     return recs[:n] if n else recs
 
 
