@@ -105,12 +105,17 @@ def test_cli_writes_readable_metadata_atomically(tmp_path):
         (["--exclude", "/nonexistent.jsonl"], "not found"),
     ],
 )
-def test_cli_bad_input_is_one_line(tmp_path, args, needle):
-    proc = run_cli("data", "geneval-train", "--out", str(tmp_path / "t.jsonl"), *args, check=False)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and not (tmp_path / "t.jsonl").exists()
+def test_cli_bad_input_is_one_line(tmp_path, args, needle, capsys):
+    from flowopd.cli import main  # in-process: the CLI path without a second interpreter
+
+    assert main(["data", "geneval-train", "--out", str(tmp_path / "t.jsonl"), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "t.jsonl").exists()
 
 
-def test_cli_output_that_is_a_directory_is_one_line(tmp_path):
-    proc = run_cli("data", "geneval-train", "--out", str(tmp_path), "--n", "10", check=False)
-    assert proc.returncode == 2 and "is a directory" in proc.stderr
+def test_cli_output_that_is_a_directory_is_one_line(tmp_path, capsys):
+    from flowopd.cli import main
+
+    assert main(["data", "geneval-train", "--out", str(tmp_path), "--n", "10"]) == 2
+    assert "is a directory" in capsys.readouterr().err

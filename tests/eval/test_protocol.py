@@ -170,21 +170,21 @@ def test_protocol_json_is_written_by_the_cli(tmp_path, tiny_pixel_dir):
         (["--benchmark", "geneval=/nonexistent/meta.jsonl"], "not found"),
     ],
 )
-def test_cli_bad_options_are_one_line(tmp_path, args, needle):
-    from tests.recipes.conftest import run_cli
+def test_cli_bad_options_are_one_line(tmp_path, args, needle, capsys):
+    from flowopd.cli import main  # in-process: the CLI path without a second interpreter
 
-    proc = run_cli("eval", "--out", str(tmp_path / "o"), *args, check=False)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0
+    assert main(["eval", "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.strip().count("\n") == 0, err
 
 
-def test_a_wrong_detector_path_fails_before_sampling(tmp_path, tiny_pixel_dir):
-    from tests.recipes.conftest import run_cli
+def test_a_wrong_detector_path_fails_before_sampling(tmp_path, tiny_pixel_dir, recorded, capsys):
+    from flowopd.cli import main
 
     meta = tmp_path / "m.jsonl"
     meta.write_text(LINES[0] + "\n")
-    proc = run_cli("eval", "--model", str(tiny_pixel_dir), "--benchmark", f"geneval={meta}",
-                   "--geneval-detector", str(tmp_path / "m2f"), "--out", str(tmp_path / "o"),
-                   check=False)  # fmt: skip
-    assert proc.returncode == 2 and "m2f" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists()
+    rc = main(["eval", "--model", str(tiny_pixel_dir), "--benchmark", f"geneval={meta}",
+               "--geneval-detector", str(tmp_path / "m2f"), "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "no such directory" in err and "m2f" in err and err.count("\n") == 1
+    assert recorded == [] and not (tmp_path / "o").exists()  # nothing was sampled
