@@ -70,10 +70,12 @@ def test_published_protocols_are_pinned():
 
 def test_geneval_samples_4_images_per_prompt_at_the_papers_settings(tmp_path, tiny_model, recorded):
     opts = {"geneval": {"detector": OneCup(), "colors": "hsv"}}
-    res = evaluate(
-        tiny_model, [_geneval_file(tmp_path)], EvalSettings(batch_size=5, scorer_options=opts)
-    )
+    settings = EvalSettings(batch_size=5, keep_images=6, scorer_options=opts)
+    res = evaluate(tiny_model, [_geneval_file(tmp_path)], settings)
     name = next(iter(res.metrics))
+    # every batch scored as sampled; only the first 6 images kept (for grids), with their prompts
+    assert len(res.images[name]) == 6
+    assert res.prompts[name] == ["a photo of a cup"] * 4 + ["a photo of a dog"] * 2
     # 3 unique prompts (repeats dropped) x 4 images, in batches of 5
     assert [len(c["prompts"]) for c in recorded] == [5, 5, 2]
     prompts = sum((c["prompts"] for c in recorded), [])

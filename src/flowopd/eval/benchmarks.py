@@ -85,6 +85,7 @@ class EvalSettings:
     n: int | None = None  # unique prompts per benchmark (None: all)
     seed: int = 0
     batch_size: int = 32
+    keep_images: int = 64  # images per benchmark a process keeps in EvalResult (for grids)
     scorer_options: dict[str, dict] = field(default_factory=dict)
     adapters: Sequence[str] | None = None  # not used: the active adapter is evaluated
 
@@ -115,8 +116,9 @@ class Plan:
 class EvalResult:
     """metrics: every benchmark's metrics (the same on every process); scores: per-image
     scores in the global order, (prompts x images_per_prompt,) prompt-major; images and
-    prompts: the images this process sampled and their prompts (all of them in a single
-    process); plans: the resolved sampling of each benchmark."""
+    prompts: the first ``EvalSettings.keep_images`` images this process sampled and their
+    prompts (the rest were scored and dropped); plans: the resolved sampling of each
+    benchmark; sampled: the images each process sampled."""
 
     metrics: dict[str, dict[str, float]]
     images: dict[str, Tensor] = field(default_factory=dict)  # benchmark -> (n_local, 3, H, W)
@@ -292,24 +294,45 @@ def _metrics(name: str, scores: Tensor, recs: list[dict]) -> dict[str, float]:
     return {"overall": float(scores.mean())}
 
 
-def _run(model: FlowModel, name: str, settings: EvalSettings, result: EvalResult) -> None:
-    """Sample and score this process's share of one benchmark; gather the scores."""
+def _run(
+    model: FlowModel,
+    name: str,
+    settings: EvalSettings,
+    result: EvalResult,
+    quality: RewardFn | None = None,
+) -> Tensor | None:
+    """Sample and score this process's share of one benchmark, batch by batch; gather the
+    scores. Each batch is scored as soon as it is sampled and then dropped, except the first
+    ``settings.keep_images`` (for grids): memory stays at one batch, not 2,212 images of
+    512 px (7 GB in float32). ``quality``: a second scorer of the same images (toy-quality
+    over the task benchmarks); returns its gathered scores."""
     recs = benchmark_records(name, settings.n)
     plan = plan_for(name, len(recs), settings, model)
     scorer = make_scorer(name, settings, model)
     k = plan.images_per_prompt
     mine = dist.shard_indices(plan.images, dist.rank(), dist.world_size())  # image g: prompt g // k
-    my_recs = [recs[g // k] for g in mine]
-    images = torch.zeros(0, 3, 1, 1)
-    if mine:
-        seeds = [image_seed(settings.seed, g) for g in mine]
-        images = generate(model, [r["prompt"] for r in my_recs], plan, seeds, settings.batch_size)
-    scores = dist.gather_shards(score_images(scorer, images, my_recs), plan.images)
+    local, local_q, kept, sampled = [torch.zeros(0)], [torch.zeros(0)], [], 0
+    for start in range(0, len(mine), settings.batch_size):
+        batch = mine[start : start + settings.batch_size]
+        batch_recs = [recs[g // k] for g in batch]
+        prompts = [r["prompt"] for r in batch_recs]
+        seeds = [image_seed(settings.seed, g) for g in batch]
+        images = generate(model, prompts, plan, seeds, settings.batch_size)  # (b, 3, H, W)
+        sampled += len(images)
+        local.append(score_images(scorer, images, batch_recs))
+        if quality is not None:
+            local_q.append(score_images(quality, images, [{"prompt": p} for p in prompts]))
+        room = settings.keep_images - sum(len(x) for x in kept)
+        if room > 0:
+            kept.append(images[:room])
+    scores = dist.gather_shards(torch.cat(local), plan.images)
     all_recs = [r for r in recs for _ in range(k)]
     result.metrics[name] = benchmark_metrics(name, scores, all_recs)
-    result.images[name], result.prompts[name] = images, [r["prompt"] for r in my_recs]
+    result.images[name] = torch.cat(kept) if kept else torch.zeros(0, 3, 1, 1)
+    result.prompts[name] = [recs[g // k]["prompt"] for g in mine[: len(result.images[name])]]
     result.scores[name], result.plans[name] = scores, plan
-    result.sampled[name] = dist.gather_cat(torch.tensor(len(images))).tolist()  # as counted
+    result.sampled[name] = dist.gather_cat(torch.tensor(sampled)).tolist()  # as counted
+    return dist.gather_shards(torch.cat(local_q), plan.images) if quality is not None else None
 
 
 def evaluate(
@@ -324,18 +347,15 @@ def evaluate(
     names = parse_benchmarks(benchmarks)
     result = EvalResult(metrics={})
     quality_alone = "toy-quality" in names and len(names) == 1
+    # toy-quality beside task benchmarks scores the images sampled for them (no extra sampling)
+    quality = None if quality_alone or "toy-quality" not in names else make_scorer("toy-quality", settings, model)  # fmt: skip
+    parts = []
     for name in names:
         if name == "toy-quality" and not quality_alone:
             continue
-        _run(model, name, settings, result)
-    if "toy-quality" in names and not quality_alone:
-        # quality of everything sampled for the task benchmarks (no extra sampling); each
-        # benchmark's shard scored where it was sampled, gathered in its global order
-        scorer, parts = make_scorer("toy-quality", settings, model), []
-        for name, images in result.images.items():
-            local = score_images(scorer, images, [{"prompt": p} for p in result.prompts[name]])
-            parts.append(dist.gather_shards(local, result.plans[name].images))
-        scores = torch.cat(parts)
+        parts.append(_run(model, name, settings, result, quality))
+    if quality is not None:
+        scores = torch.cat(parts)  # each benchmark's in its global order, benchmark after benchmark
         result.metrics["toy-quality"] = benchmark_metrics("toy-quality", scores, [])
         result.scores["toy-quality"] = scores
     return result
