@@ -92,7 +92,11 @@ def test_geneval_samples_4_images_per_prompt_at_the_papers_settings(tmp_path, ti
     assert len({float(x[0, 0, 0]) for x in x0}) == 12
     # one cup everywhere: "a cup" right, "a dog" and "a cup and a dog" wrong
     assert res.scores[name].tolist() == [1.0] * 4 + [0.0] * 8
-    assert res.metrics[name] == {"overall": 0.25, "single_object": 0.5, "two_object": 0.0}
+    # overall_se: single_object's 8 images at p = 0.5, s^2 = 0.25 * 8 / 7, se_c^2 = s^2 / 8;
+    # two_object's are all 0 (se 0): sqrt(1 / 28) / 2 tags
+    se = round((1 / 28) ** 0.5 / 2, 6)
+    assert res.metrics[name] == {"overall": 0.25, "single_object": 0.5, "two_object": 0.0,
+                                 "overall_se": se}  # fmt: skip
     assert protocol_record(res)[name] == {"prompts": 3, "images_per_prompt": 4, "steps": 40,
                                           "guidance_scale": 4.5, "resolution": 512, "images": 12,
                                           "images_per_process": [12]}  # fmt: skip

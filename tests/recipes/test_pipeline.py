@@ -41,7 +41,9 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     names = [r["model"] for r in rows]
     assert names == ["base", "teacher:geneval", "teacher:ocr", "grpo-mix", "cold-start", "flow-opd"]
     for r in rows:
-        assert set(r) == {"model", "toy-geneval", "toy-ocr", "toy-quality", "average"}
+        assert set(r) == {"model", "toy-geneval", "toy-ocr", "toy-quality", "average", "se"}
+        # every column carries its evaluation standard error (metrics.json's overall_se)
+        assert set(r["se"]) == {"toy-geneval", "toy-ocr", "toy-quality", "average"}
         vals = [r["toy-geneval"], r["toy-ocr"], r["toy-quality"]]
         assert abs(r["average"] - sum(vals) / 3) < 1e-3
     html = (out / "report" / "index.html").read_text()
