@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from flowopd.errors import UserError, unknown
+from flowopd.lora_targets import SD3_ATTN2_TARGETS, SD3_TARGETS
 
 __all__ = [
     "LoRAConfig",
@@ -37,18 +38,9 @@ __all__ = [
     "SD3_LORA_TARGETS",
 ]
 
-# SD3 joint-attention projections: the image stream's q/k/v/out and the text (context)
-# stream's q/k/v/out, as in Flow-GRPO's SD3.5 configs.
-SD3_LORA_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
+# Flow-GRPO's targets: the joint attention's image-stream q/k/v/out and text (context)
+# stream projections, ``attn`` only (models/adapters.py says why the prefix matters).
+SD3_LORA_TARGETS = list(SD3_TARGETS)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -76,8 +68,11 @@ class LoRAConfig:
     rank: int = _help("LoRA rank r.", 32)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank.", 64.0)
     target_modules: list[str] = _help(
-        "Module names (suffixes) that get an adapter; default: SD3 attention q/k/v/out and "
-        "the context-stream projections.",
+        "Module names (matched as dotted suffixes) that get an adapter. Default: "
+        "Flow-GRPO's, the joint attention's q/k/v/out and context projections "
+        f"({', '.join(SD3_TARGETS)}), not attn2 of SD3.5-M's dual-attention blocks "
+        "(18.8 M parameters at rank 32 on SD3.5-M). To adapt attn2 too, add "
+        f"{', '.join(SD3_ATTN2_TARGETS)} (23.9 M).",
         factory=lambda: list(SD3_LORA_TARGETS),
     )
     init: Literal["gaussian", "default"] = _help(
