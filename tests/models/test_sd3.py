@@ -229,6 +229,55 @@ def test_bf16_network_keeps_float32_math(tiny_pipe):
     assert err < 1e-6, f"mean |ratio - 1| = {err}"
 
 
+def _stock_bf16_latents(pipe, cond, neg, x_T, steps, round_timestep=False):
+    """The stock ``StableDiffusion3Pipeline`` with its transformer in bf16, from our encoded
+    prompts (so only the transformer + sampler path is compared), latents out."""
+    pipe = copy.deepcopy(pipe)
+    pipe.transformer.to(torch.bfloat16)
+    if round_timestep:  # what flowopd did before: t cast to the model dtype
+
+        def rounded(_module, args, kwargs):
+            kwargs["timestep"] = kwargs["timestep"].to(torch.bfloat16).float()
+            return args, kwargs
+
+        pipe.transformer.register_forward_pre_hook(rounded, with_kwargs=True)
+    bf = torch.bfloat16
+    return pipe(
+        prompt_embeds=cond.embeds.to(bf), pooled_prompt_embeds=cond.pooled.to(bf),
+        negative_prompt_embeds=neg.embeds.to(bf), negative_pooled_prompt_embeds=neg.pooled.to(bf),
+        latents=x_T.to(bf), num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+    ).images.float()  # fmt: skip
+
+
+def test_bf16_ode_sampler_matches_stock_pipeline_in_bf16(tiny_pipe):
+    """flowopd's ODE sampler (what ``flowopd sample`` runs) with a bf16 network vs the stock
+    diffusers pipeline in bf16: both feed the transformer float32 timesteps 1000 * sigma.
+
+    Tolerance on 10-step latents (std ~1.3, max ~4): mean |diff| < 0.02, max < 0.1. bf16
+    keeps 8 significant bits (relative rounding 2^-9 per operation) and the two paths round
+    differently: the stock scheduler rounds the latents to bf16 after every step and combines
+    CFG in bf16, flowopd keeps latents and CFG in float32 and runs the network under
+    autocast. Measured: mean 0.010, max 0.05, the size of the stock pipeline's own
+    bf16-vs-float32 gap (max 0.05). Rounding the timestep to bf16 (987.65 -> 988) gives
+    mean 0.11, max 0.42: the tolerance catches it. The timestep MLP's first layer is scaled
+    x20 so that, as in a trained model, the output depends on t as much as on the rest.
+    """
+    pipe = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        pipe.transformer.time_text_embed.timestep_embedder.linear_1.weight.mul_(20.0)
+    model = SD3Model(copy.deepcopy(pipe), dtype="bfloat16", max_sequence_length=8)
+    cond, neg = model.encode_prompts(PROMPTS), model.negative_cond(2)
+    x_T = _noise(model, 2).bfloat16()  # both start from the same bf16 noise
+    ours = sample(model, cond, 10, kind="ode", guidance_scale=4.5, latents=x_T.float(),
+                  decode=False).latents  # fmt: skip
+    stock = _stock_bf16_latents(pipe, cond, neg, x_T, 10)
+    diff = (ours - stock).abs()
+    print(f"bf16 ODE vs stock bf16: mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < 0.02 and diff.max() < 0.1
+    rounded = (ours - _stock_bf16_latents(pipe, cond, neg, x_T, 10, round_timestep=True)).abs()
+    assert rounded.mean() > 0.04  # a bf16 timestep would fail the tolerance above
+
+
 def test_bf16_grpo_step_grads_reach_float32_lora(tiny_pipe):
     """A GRPO step under bf16 autocast: ratio 1 before the update, finite loss, float32
     grads on the LoRA weights (none on the frozen bf16 base), and the update moves them."""

@@ -301,7 +301,9 @@ class SD3Model:
         """v(x, sigma | cond) with CFG ``v_u + w (v_c - v_u)`` in one batched forward.
 
         x: (B, C, h, w); sigma: float or (B,); cond: B rows. Returns float32 (B, C, h, w).
-        The transformer is called with ``timestep = 1000 * sigma`` as diffusers does.
+        The transformer is called with ``timestep = 1000 * sigma`` in float32, as the
+        diffusers pipeline passes it, whatever the model dtype (bf16 would round 987.65 to
+        988; the sinusoidal embedding is computed in float32 inside the model).
         """
         b = x.shape[0]
         if len(cond) != b:
@@ -329,7 +331,7 @@ class SD3Model:
         with routing, self._autocast():
             out = self.transformer(
                 hidden_states=x_in.to(self.dtype),
-                timestep=t_in.to(self.dtype),
+                timestep=t_in,  # float32 (B,): never cast to the model dtype
                 encoder_hidden_states=c_in.embeds.to(self.dtype),
                 pooled_projections=c_in.pooled.to(self.dtype),
                 return_dict=False,
