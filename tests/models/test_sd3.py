@@ -106,6 +106,44 @@ def _randomize(model, name, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def _grads_of(model, v, upstream):
+    """d <upstream, v> / d(LoRA params): the LoRA gradient of any loss whose dL/dv is
+    ``upstream`` (B, C, h, w)."""
+    params = model.adapter_parameters("policy")
+    return torch.autograd.grad((v * upstream).sum(), params)
+
+
+def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model):
+    """cfg_grad='cond' (Flow-GRPO): the LoRA gradient through v = v_u + w (v_c - v_u) is
+    w times the gradient of the text-conditioned branch alone; 'both' adds (1 - w) times
+    the unconditional branch's. The forward value is identical."""
+    model, w = tiny_model, 4.5
+    model.add_adapter("policy", rank=4, alpha=8)
+    model.set_adapter("policy", trainable=True)
+    _randomize(model, "policy", 3)  # B != 0: A and B both get gradients
+    x, cond = _noise(model, 2), model.encode_prompts(PROMPTS)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # dL/dv
+    v_cond = model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="cond")
+    v_both = model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="both")
+    assert torch.equal(v_cond, v_both)  # same forward: the PPO ratio is unchanged
+    # the branches on their own (no CFG: one forward each)
+    g_c = _grads_of(model, model.velocity(x, 0.7, cond), g)
+    g_u = _grads_of(model, model.velocity(x, 0.7, model.negative_cond(2)), g)
+    assert sum(float(gu.abs().sum()) for gu in g_u) > 0  # LoRA acts on v_u too
+
+    # float32 round-off only: the CFG pair ran in one batched forward, the branches alone
+    def rel(got, want):  # over all LoRA tensors at once
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, want, strict=True))
+        return (num / sum(float(b.pow(2).sum()) for b in want)) ** 0.5
+
+    g_cond, g_both = _grads_of(model, v_cond, g), _grads_of(model, v_both, g)
+    assert rel(g_cond, [w * c for c in g_c]) < 1e-5
+    assert rel(g_both, [w * c + (1 - w) * u for c, u in zip(g_c, g_u, strict=True)]) < 1e-5
+    assert rel(g_both, g_cond) > 0.1  # the two options really differ
+    with pytest.raises(UserError, match="cfg_grad"):
+        model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="uncond")
+
+
 def test_adapter_add_set_disable(tiny_model):
     x = _noise(tiny_model, 2)
     cond = tiny_model.encode_prompts(PROMPTS)

@@ -63,12 +63,24 @@ def test_grpo_runs_and_writes_outputs(tmp_path, tiny_pixel_dir, tiny_pipe):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
 
 
-def test_first_update_ratio_is_one(tmp_path, tiny_pixel_dir):
-    # one minibatch (all 16 images), no accumulation: the ratio of the first update is 1
-    run_cli(*_config(tmp_path, tiny_pixel_dir, **{"train.epochs": "1", "train.batch_size": "16"}))
-    rec = _log(tmp_path / "run")[0]
-    assert abs(rec["ratio_mean"] - 1.0) < 1e-6
-    assert rec["clip_fraction"] == 0.0
+def test_first_update_ratio_is_one_whichever_cfg_grad(tmp_path, tiny_pixel_dir):
+    # one minibatch (all 16 images), no accumulation: the ratio of the first update is 1,
+    # with gradients through the conditional CFG branch only (the default) or both
+    loras = {}
+    for mode in ("default", "both"):
+        out = tmp_path / mode
+        out.mkdir()
+        extra = {"train.epochs": "1", "train.batch_size": "16"}
+        if mode != "default":
+            extra["train.cfg_grad"] = mode
+        run_cli(*_config(out, tiny_pixel_dir, **extra))
+        rec = _log(out / "run")[0]
+        assert abs(rec["ratio_mean"] - 1.0) < 1e-6
+        assert rec["clip_fraction"] == 0.0
+        loras[mode] = load_file(out / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    assert "cfg_grad: cond" in (tmp_path / "default" / "run" / "config.yaml").read_text()
+    # same rollouts, same forward, another gradient: the adapters differ after one update
+    assert any(not torch.equal(v, loras["both"][k]) for k, v in loras["default"].items())
 
 
 def test_bad_config_is_one_line_error(tmp_path, tiny_pixel_dir):

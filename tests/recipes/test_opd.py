@@ -152,6 +152,15 @@ def test_rewards_are_for_logging_only(tmp_path, tiny_pixel_dir, teachers, prompt
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_cfg_grad_reaches_the_student_update(tmp_path, tiny_pixel_dir, teachers, prompts):
+    # the same rollouts and teachers; only the gradient through the student's CFG pair differs
+    cfg = _yaml(tmp_path, tiny_pixel_dir, teachers, prompts)
+    for mode in ("cond", "both"):
+        _train(cfg, "train.epochs=1", f"output.dir={tmp_path / mode}", f"train.cfg_grad={mode}")
+    wc, wb = _lora(tmp_path / "cond"), _lora(tmp_path / "both")
+    assert any(not torch.equal(wc[k], wb[k]) for k in wc)
+
+
 def test_gkd_with_high_lr_lowers_the_kl_to_the_teachers(tmp_path, tiny_pixel_dir, teachers,
                                                         prompts):  # fmt: skip
     cfg = _yaml(tmp_path, tiny_pixel_dir, teachers, prompts)

@@ -26,6 +26,9 @@ from flowopd.models.base import Cond
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 FLOWOPD_META = "flowopd.json"  # optional per-model defaults written by `flowopd pretrain`
 
+# Gradient through the CFG pair in a forward with grad (see ``SD3Model.velocity``).
+CFG_GRAD = ("cond", "both")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -297,15 +300,21 @@ class SD3Model:
         *,
         guidance_scale: float = 1.0,
         adapters: Sequence[str] | None = None,
+        cfg_grad: str = "both",
     ) -> Tensor:
         """v(x, sigma | cond) with CFG ``v_u + w (v_c - v_u)`` in one batched forward.
 
         x: (B, C, h, w); sigma: float or (B,); cond: B rows. Returns float32 (B, C, h, w).
+        cfg_grad: which CFG branches carry gradients; "both" (the derivative of the guided
+        velocity, ``(1 - w) dv_u + w dv_c``) or "cond" (``v_u`` detached: ``w dv_c``, as
+        Flow-GRPO trains). The forward value is the same either way.
         The transformer is called with ``timestep = 1000 * sigma`` in float32, as the
         diffusers pipeline passes it, whatever the model dtype (bf16 would round 987.65 to
         988; the sinusoidal embedding is computed in float32 inside the model).
         """
         b = x.shape[0]
+        if cfg_grad not in CFG_GRAD:
+            raise unknown("cfg_grad", cfg_grad, CFG_GRAD)
         if len(cond) != b:
             raise ValueError(f"cond has {len(cond)} rows for a batch of {b}")
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
@@ -339,7 +348,11 @@ class SD3Model:
         out = out.float()
         if not cfg:
             return out
-        v_u, v_c = out.chunk(2)
+        v_u, v_c = out.chunk(2)  # (B, C, h, w) each: [negative, positive] as in the forward
+        if cfg_grad == "cond":
+            # the same values, but the unconditional half contributes no gradient (its rows
+            # still run through the backward, with zero upstream gradient)
+            v_u = v_u.detach()
         return v_u + guidance_scale * (v_c - v_u)
 
     @contextmanager

@@ -387,6 +387,15 @@ class TrainConfig:
         "'exact' = the Gaussian KL ||dmean||^2 / (2 std^2 (-dt)).",
         "public",
     )
+    cfg_grad: Literal["cond", "both"] = _help(
+        "Gradient through the CFG pair v = v_u + w (v_c - v_u) of the training forward: "
+        "'cond' (Flow-GRPO's training code) detaches the unconditional prediction, so the "
+        "LoRA gradient is w dv_c (text-conditioned branch only); 'both' differentiates the "
+        "whole guided velocity, (1 - w) dv_u + w dv_c. The forward value is the same either "
+        "way (ratio 1 at the first step), and so is the compute: both halves run in one "
+        "batched forward and backward. No effect without CFG (guidance_scale <= 1).",
+        "cond",
+    )
     adv_std: Literal["global", "group"] = _help(
         "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
         "global",
