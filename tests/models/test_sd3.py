@@ -20,7 +20,9 @@ def _noise(model, n, seed=0):
     return torch.randn((n, *model.latent_shape()), generator=torch.Generator().manual_seed(seed))
 
 
-def test_ode_sampler_matches_diffusers_pipeline(tiny_model):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_ode_sampler_matches_diffusers_pipeline(tiny_model, layout):
+    tiny_model.cfg_forward = layout  # two forwards instead of one: float round-off only
     pipe = tiny_model.pipe
     ref = pipe(
         PROMPTS,
@@ -113,11 +115,13 @@ def _grads_of(model, v, upstream):
     return torch.autograd.grad((v * upstream).sum(), params)
 
 
-def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model, layout):
     """cfg_grad='cond' (Flow-GRPO): the LoRA gradient through v = v_u + w (v_c - v_u) is
     w times the gradient of the text-conditioned branch alone; 'both' adds (1 - w) times
-    the unconditional branch's. The forward value is identical."""
+    the unconditional branch's. The forward value is identical. Both CFG layouts."""
     model, w = tiny_model, 4.5
+    model.cfg_forward = layout
     model.add_adapter("policy", rank=4, alpha=8)
     model.set_adapter("policy", trainable=True)
     _randomize(model, "policy", 3)  # B != 0: A and B both get gradients
@@ -131,7 +135,7 @@ def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model):
     g_u = _grads_of(model, model.velocity(x, 0.7, model.negative_cond(2)), g)
     assert sum(float(gu.abs().sum()) for gu in g_u) > 0  # LoRA acts on v_u too
 
-    # float32 round-off only: the CFG pair ran in one batched forward, the branches alone
+    # float32 round-off only: the CFG pair ran batched (or split), the branches alone
     def rel(got, want):  # over all LoRA tensors at once
         num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, want, strict=True))
         return (num / sum(float(b.pow(2).sum()) for b in want)) ** 0.5
@@ -142,6 +146,36 @@ def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model):
     assert rel(g_both, g_cond) > 0.1  # the two options really differ
     with pytest.raises(UserError, match="cfg_grad"):
         model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="uncond")
+
+
+def test_split_cfg_forward_runs_the_unconditional_half_without_autograd(tiny_model):
+    """cfg_forward='split': two forwards of B rows with the batched layout's values; under
+    cfg_grad='cond' the unconditional one runs with autograd off (no graph, no backward)."""
+    model = tiny_model
+    model.add_adapter("policy", rank=4, alpha=8)
+    model.set_adapter("policy", trainable=True)
+    _randomize(model, "policy", 3)
+    x, cond = _noise(model, 2), model.encode_prompts(PROMPTS)
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda _m, args, kwargs: calls.append(
+            (kwargs["hidden_states"].shape[0], torch.is_grad_enabled())
+        ),
+        with_kwargs=True,
+    )
+    batched = model.velocity(x, 0.7, cond, guidance_scale=4.5)
+    assert calls == [(4, True)]
+    model.cfg_forward = "split"
+    calls.clear()
+    split = model.velocity(x, 0.7, cond, guidance_scale=4.5, cfg_grad="cond")
+    assert calls == [(2, False), (2, True)]  # [negative] without autograd, then [positive]
+    calls.clear()
+    model.velocity(x, 0.7, cond, guidance_scale=4.5, cfg_grad="both")
+    assert calls == [(2, True), (2, True)]
+    hook.remove()
+    torch.testing.assert_close(split, batched, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="cfg_forward"):
+        SD3Model(model.pipe, cfg_forward="interleaved")
 
 
 def test_adapter_add_set_disable(tiny_model):
