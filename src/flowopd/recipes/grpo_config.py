@@ -401,8 +401,9 @@ class TrainConfig:
         "'cond' (Flow-GRPO's training code) detaches the unconditional prediction, so the "
         "LoRA gradient is w dv_c (text-conditioned branch only); 'both' differentiates the "
         "whole guided velocity, (1 - w) dv_u + w dv_c. The forward value is the same either "
-        "way (ratio 1 at the first step), and so is the compute: both halves run in one "
-        "batched forward and backward. No effect without CFG (guidance_scale <= 1).",
+        "way (ratio 1 at the first step). So is the compute under model.cfg_forward=batched "
+        "(the backward still runs through the unconditional rows); with split, 'cond' skips "
+        "the unconditional backward. No effect without CFG (guidance_scale <= 1).",
         "cond",
     )
     adv_std: Literal["global", "group"] = _help(
