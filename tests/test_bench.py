@@ -36,6 +36,22 @@ def test_full_size_bench_runs_at_tiny_size(tmp_path, capsys):
     assert "MFU n/a" in capsys.readouterr().out
 
 
+def test_full_size_bench_split_cfg_forward(tmp_path):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    args = ["--size", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0"]
+    bench.main([*args, "--cfg-forward", "split", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["cfg_forward"] == "split" and r["ratio_mean_abs_err"] < 1e-6
+    bench.main([*args, "--json", str(out)])
+    batched = json.loads(out.read_text())
+    # the negative rows' forward + backward became a forward without autograd
+    b, f_row = r["batch"], r["flops"]["forward_per_row"]
+    per_row = batched["flops"]["train_step"] // (2 * b)  # forward + backward of one row
+    assert r["flops"]["train_step"] == b * per_row + b * f_row
+    assert r["predicted"]["train_step_s"] < batched["predicted"]["train_step_s"]
+
+
 def test_score_overlap_bench_gives_the_same_scores(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "score_overlap", REPO / "bench" / "score_overlap.py"
