@@ -92,3 +92,14 @@ def test_opd_vs_grpo_bench_runs_on_the_tiny_model(tmp_path):
     for v, ratio in r["ratio_vs_grpo"].items():
         m = r["median_epoch_seconds"][v]
         assert ratio == m["total"] / r["median_epoch_seconds"]["grpo"]["total"] > 0
+
+
+def test_cfg_train_time_bench_runs_and_split_keeps_the_gradient(capsys):
+    spec = importlib.util.spec_from_file_location("cfg_tt", REPO / "bench" / "cfg_train_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--model", "tiny", "--repeats", "1", "--prompts", "2"])
+    assert set(r["cpu_median_s"]) == {"both", "cond", "split"}
+    assert all(t > 0 for t in r["cpu_median_s"].values())
+    assert r["split_vs_cond_grad_rel_diff"] < 1e-5  # float round-off, not another gradient
+    assert "split vs cond gradient" in capsys.readouterr().out

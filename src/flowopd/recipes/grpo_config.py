@@ -132,7 +132,7 @@ class ModelConfig:
         "diffusers and Flow-GRPO; 'split' = two forwards of B rows, and with "
         "train.cfg_grad=cond the unconditional one runs without autograd: the backward "
         "covers B rows instead of 2B and keeps half the activations, for the same gradient "
-        "(measured: training phase 0.80x on the embedded model, CPU).",
+        "(bench/cfg_train_time.py: training phase 0.76-0.80x on the embedded model, CPU).",
         "batched",
     )
     offload_text_encoders: bool = _help(
