@@ -205,7 +205,9 @@ def test_unknown_adapter_is_user_error(tiny_model):
                             adapters=["nope"])  # fmt: skip
 
 
-def test_per_sample_routing_equals_per_adapter_forwards(tiny_model):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_per_sample_routing_equals_per_adapter_forwards(tiny_model, layout):
+    tiny_model.cfg_forward = layout  # split: each half of the CFG pair routed the same way
     for i, name in enumerate(["geneval", "ocr"]):
         tiny_model.add_adapter(name, rank=4, alpha=4)
         _randomize(tiny_model, name, i + 1)
