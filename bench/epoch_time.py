@@ -4,7 +4,10 @@ Runs a few epochs of the toy GenEval preset on (a) the embedded model and (b) th
 in-memory SD3 test pipeline (2 layers, VAE, three text encoders), in one process, and
 prints the median per-phase time of the epochs after the first (warm-up) with the machine.
 
-    python bench/epoch_time.py [--epochs 3] [--json OUT]
+    python bench/epoch_time.py [--epochs 3] [--json OUT] [--set KEY=VALUE ...]
+
+``--set`` overrides the preset for both models, e.g. ``--set train.cfg_grad=both`` for the
+training phase with gradients through both CFG branches (the default is ``cond``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(model_path: str, out: Path, epochs: int) -> dict:
+def _run(model_path: str, out: Path, epochs: int, overrides: list[str]) -> dict:
     from flowopd.config import load_config
     from flowopd.recipes.grpo import train_grpo
     from flowopd.recipes.grpo_config import GRPOConfig
@@ -30,7 +33,7 @@ def _run(model_path: str, out: Path, epochs: int) -> dict:
         GRPOConfig,
         REPO / "configs" / "toy" / "grpo_geneval.yaml",
         [f"model.path={model_path}", f"train.epochs={epochs}", f"output.dir={out}",
-         "eval.every=0", "eval.benchmarks=[]", "output.checkpoint_every=0"],
+         "eval.every=0", "eval.benchmarks=[]", "output.checkpoint_every=0", *overrides],
     )  # fmt: skip
     run = train_grpo(cfg)
     hist = run.history[1:] or run.history
@@ -46,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both runs (repeatable)")  # fmt: skip
     args = ap.parse_args()
 
     from flowopd.eval.report import write_json
@@ -60,7 +65,7 @@ def main() -> None:
         tiny = Path(tmp) / "tiny_sd3"
         SD3Model(build_tiny_sd3_pipeline(), max_sequence_length=8).save_pretrained(tiny)
         for name, path in [("embedded", default_model()), ("tiny-sd3", str(tiny))]:
-            results[name] = _run(path, Path(tmp) / name, args.epochs)
+            results[name] = _run(path, Path(tmp) / name, args.epochs, args.set)
     print(
         f"machine: {machine['platform']}, {machine['cpu_count']} cores, "
         f"torch {machine['torch']} ({machine['torch_threads']} threads)"
@@ -73,7 +78,7 @@ def main() -> None:
             f"{name:<10} {r['images_per_epoch']:>7} {r['sample']:>9.2f} {r['score']:>8.2f} {r['train']:>8.2f} {r['total']:>8.2f}"
         )
     if args.json:
-        write_json(args.json, {"machine": machine, "results": results})
+        write_json(args.json, {"machine": machine, "overrides": args.set, "results": results})
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def build_model(arch: MMDiTArch, device: torch.device, dtype: str, args: argpars
     return SD3Model(
         pipe, device=device, dtype=dtype,
         gradient_checkpointing=args.checkpointing, compile=args.compile,
+        cfg_forward=args.cfg_forward,
     )  # fmt: skip
 
 
@@ -155,8 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def train_step(traj) -> tuple[float, float]:
         model.transformer.train()
         step, _ = rescore_step(
-            model, traj, 0, cond, kind="sde", noise_level=0.7, guidance_scale=4.5
-        )
+            model, traj, 0, cond, kind="sde", noise_level=0.7, guidance_scale=4.5,
+            cfg_grad="cond",  # train.cfg_grad's default
+        )  # fmt: skip
         adv = torch.linspace(-1, 1, batch, device=step.log_prob.device)
         loss, st = grpo_loss(step.log_prob, traj.log_probs[:, 0].to(step.log_prob.device), adv,
                              clip_range=1e-4)  # fmt: skip
@@ -201,8 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tf = perf.train_step_flops(arch, n_img, n_txt, lora_rank=rank, lora_targets=targets,
                                checkpointing=args.checkpointing)  # fmt: skip
     rows = 2 * batch  # CFG: negative + positive rows per image
+    # rows with a backward: all of them when the pair runs batched; with split the
+    # (detached) negative rows run one forward without autograd
+    grad_rows = batch if args.cfg_forward == "split" else rows
     f_sample = args.steps * rows * f_row
-    f_train = rows * tf.model
+    f_train = grad_rows * tf.model + (rows - grad_rows) * f_row
     tflops_sample = f_sample / t_sample / 1e12
     tflops_train = f_train / t_train / 1e12
     if device.type == "cuda":
@@ -220,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_gemm_tflops": gemm,
             "assumed_mfu": perf.DEFAULT_MFU,
             "sample_s": f_sample / rate,
-            "train_step_s": (rows * tf.hardware) / rate,
+            "train_step_s": (grad_rows * tf.hardware + (rows - grad_rows) * f_row) / rate,
         }
         predicted["rel_error_sample"] = predicted["sample_s"] / t_sample - 1
         predicted["rel_error_train"] = predicted["train_step_s"] / t_train - 1
@@ -237,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iters": iters,
         "compile": args.compile,
         "gradient_checkpointing": args.checkpointing,
+        "cfg_forward": args.cfg_forward,
         "arch": arch.to_config(),
         "resolution": res,
         "image_tokens": n_img,
@@ -248,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "forward_per_row": f_row,
             "sample": f_sample,
             "train_step": f_train,
-            "train_step_recompute": rows * tf.recompute,
+            "train_step_recompute": grad_rows * tf.recompute,
         },
         "time_s": {"build": t_build, "sample": t_sample, "train_step": t_train},
         "images_per_s": batch / t_sample,
@@ -281,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--adamw-8bit", action="store_true", help="bitsandbytes AdamW8bit if present")
+    p.add_argument("--cfg-forward", choices=["batched", "split"], default="batched",
+                   help="model.cfg_forward: the CFG pair as one forward or two (split: the "
+                   "detached negative half runs without autograd in the train step)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the result here")
     return p.parse_args(argv)

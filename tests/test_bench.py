@@ -36,6 +36,22 @@ def test_full_size_bench_runs_at_tiny_size(tmp_path, capsys):
     assert "MFU n/a" in capsys.readouterr().out
 
 
+def test_full_size_bench_split_cfg_forward(tmp_path):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    args = ["--size", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0"]
+    bench.main([*args, "--cfg-forward", "split", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["cfg_forward"] == "split" and r["ratio_mean_abs_err"] < 1e-6
+    bench.main([*args, "--json", str(out)])
+    batched = json.loads(out.read_text())
+    # the negative rows' forward + backward became a forward without autograd
+    b, f_row = r["batch"], r["flops"]["forward_per_row"]
+    per_row = batched["flops"]["train_step"] // (2 * b)  # forward + backward of one row
+    assert r["flops"]["train_step"] == b * per_row + b * f_row
+    assert r["predicted"]["train_step_s"] < batched["predicted"]["train_step_s"]
+
+
 def test_score_overlap_bench_gives_the_same_scores(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "score_overlap", REPO / "bench" / "score_overlap.py"
@@ -76,3 +92,14 @@ def test_opd_vs_grpo_bench_runs_on_the_tiny_model(tmp_path):
     for v, ratio in r["ratio_vs_grpo"].items():
         m = r["median_epoch_seconds"][v]
         assert ratio == m["total"] / r["median_epoch_seconds"]["grpo"]["total"] > 0
+
+
+def test_cfg_train_time_bench_runs_and_split_keeps_the_gradient(capsys):
+    spec = importlib.util.spec_from_file_location("cfg_tt", REPO / "bench" / "cfg_train_time.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--model", "tiny", "--repeats", "1", "--prompts", "2"])
+    assert set(r["cpu_median_s"]) == {"both", "cond", "split"}
+    assert all(t > 0 for t in r["cpu_median_s"].values())
+    assert r["split_vs_cond_grad_rel_diff"] < 1e-5  # float round-off, not another gradient
+    assert "split vs cond gradient" in capsys.readouterr().out

@@ -11,6 +11,9 @@ from flowopd.models.adapters import SD3_TARGETS
 from flowopd.perf import MMDiTArch
 from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
 
+# the bare suffixes match attn2 too (peft matches dotted name suffixes)
+BARE_TARGETS = [t.removeprefix("attn.") for t in SD3_TARGETS]
+
 # 2 blocks of width d = 2 heads x 16 = 32, dual attention in block 0, 4 latent channels,
 # patch 2 on a 4 x 4 latent -> n_img = 4 tokens; 12 text tokens of width 32.
 HAND = MMDiTArch(
@@ -64,8 +67,10 @@ def test_lora_adds_2_m_r_k_plus_n_per_adapted_linear():
     extra = rows * 2 * r * (d + d)
     got = perf.forward_flops(HAND, N_IMG, N_TXT, lora_rank=r, lora_targets=SD3_TARGETS)
     assert got - HAND_FORWARD == extra
-    # the config's short names ('to_q') also adapt attn2 in block 0: 4 more on n_img rows
-    short = perf.forward_flops(HAND, N_IMG, N_TXT, lora_rank=r, lora_targets=SD3_LORA_TARGETS)
+    # the config default is the same list (Flow-GRPO's: attn only)
+    assert list(SD3_LORA_TARGETS) == list(SD3_TARGETS)
+    # bare suffixes ('to_q') also adapt attn2 in block 0: 4 more on n_img rows
+    short = perf.forward_flops(HAND, N_IMG, N_TXT, lora_rank=r, lora_targets=BARE_TARGETS)
     assert short - got == 4 * 4 * 2 * r * (d + d)
 
 
@@ -105,7 +110,7 @@ def test_forward_flops_match_torch_flop_counter():
     assert measured == rows * HAND_FORWARD
 
 
-@pytest.mark.parametrize("targets", [SD3_TARGETS, SD3_LORA_TARGETS], ids=["attn.", "short"])
+@pytest.mark.parametrize("targets", [SD3_TARGETS, BARE_TARGETS], ids=["attn.", "short"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
 def test_train_step_flops_match_torch_flop_counter(targets, checkpointing):
     """Forward + backward with a frozen base and LoRA: the counter sees the input-gradient
@@ -172,7 +177,7 @@ def test_activation_model_against_saved_tensors():
     n_img, n_txt, rows = 64, 32, 2
     model = _transformer(arch)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(SD3_LORA_TARGETS)))
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=BARE_TARGETS))
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     # as SD3Model trains: bf16 base, float32 LoRA, bf16 autocast

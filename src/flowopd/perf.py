@@ -875,9 +875,16 @@ def estimate_run(
     f_text = 2 * shape.text_encoder_params * n_txt  # encoders see their own tokens; upper bound
 
     sample_flops = images * steps * cfg_rows * f_fwd_lora + images * f_vae + (prompts + 1) * f_text
+    # CFG rows that run with autograd in training: model.cfg_forward=split with
+    # train.cfg_grad=cond runs the unconditional forward without it (no backward, no
+    # activations); batched CFG back-propagates through both halves whatever cfg_grad says
+    split = _get(cfg, "model.cfg_forward", "batched") == "split"
+    grad_rows = 1 if split and _get(cfg, "train.cfg_grad", "cond") == "cond" else cfg_rows
+    ref = f_fwd_base if beta > 0 else 0
     train_flops = (
-        inner * images * trained * cfg_rows * (tf.hardware + (f_fwd_base if beta > 0 else 0))
-    )
+        inner * images * trained
+        * (grad_rows * tf.hardware + (cfg_rows - grad_rows) * f_fwd_lora + cfg_rows * ref)
+    )  # fmt: skip
     rewards = _reward_names(cfg)
     per_image = [1.0 / reward_rate(r, device) for r in rewards]
     # a weighted sum scores every image with every reward; one reward, task routing or
@@ -908,7 +915,7 @@ def estimate_run(
         "vae": shape.vae_params * 4,
         "text_encoders": 0 if offload else shape.text_encoder_params * 4,
         "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
-        "activations": activation_bytes(arch, n_img, n_txt, train_bs * cfg_rows, dtype_bytes=db, checkpointing=ckpt),
+        "activations": activation_bytes(arch, n_img, n_txt, train_bs * grad_rows, dtype_bytes=db, checkpointing=ckpt),
         "rollouts": images * rollout_bytes,
         "runtime": RUNTIME_OVERHEAD_BYTES if device != "cpu" else 0,
     }  # fmt: skip

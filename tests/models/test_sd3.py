@@ -20,7 +20,9 @@ def _noise(model, n, seed=0):
     return torch.randn((n, *model.latent_shape()), generator=torch.Generator().manual_seed(seed))
 
 
-def test_ode_sampler_matches_diffusers_pipeline(tiny_model):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_ode_sampler_matches_diffusers_pipeline(tiny_model, layout):
+    tiny_model.cfg_forward = layout  # two forwards instead of one: float round-off only
     pipe = tiny_model.pipe
     ref = pipe(
         PROMPTS,
@@ -106,6 +108,76 @@ def _randomize(model, name, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def _grads_of(model, v, upstream):
+    """d <upstream, v> / d(LoRA params): the LoRA gradient of any loss whose dL/dv is
+    ``upstream`` (B, C, h, w)."""
+    params = model.adapter_parameters("policy")
+    return torch.autograd.grad((v * upstream).sum(), params)
+
+
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_cfg_grad_cond_is_w_times_the_conditional_branch_gradient(tiny_model, layout):
+    """cfg_grad='cond' (Flow-GRPO): the LoRA gradient through v = v_u + w (v_c - v_u) is
+    w times the gradient of the text-conditioned branch alone; 'both' adds (1 - w) times
+    the unconditional branch's. The forward value is identical. Both CFG layouts."""
+    model, w = tiny_model, 4.5
+    model.cfg_forward = layout
+    model.add_adapter("policy", rank=4, alpha=8)
+    model.set_adapter("policy", trainable=True)
+    _randomize(model, "policy", 3)  # B != 0: A and B both get gradients
+    x, cond = _noise(model, 2), model.encode_prompts(PROMPTS)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))  # dL/dv
+    v_cond = model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="cond")
+    v_both = model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="both")
+    assert torch.equal(v_cond, v_both)  # same forward: the PPO ratio is unchanged
+    # the branches on their own (no CFG: one forward each)
+    g_c = _grads_of(model, model.velocity(x, 0.7, cond), g)
+    g_u = _grads_of(model, model.velocity(x, 0.7, model.negative_cond(2)), g)
+    assert sum(float(gu.abs().sum()) for gu in g_u) > 0  # LoRA acts on v_u too
+
+    # float32 round-off only: the CFG pair ran batched (or split), the branches alone
+    def rel(got, want):  # over all LoRA tensors at once
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(got, want, strict=True))
+        return (num / sum(float(b.pow(2).sum()) for b in want)) ** 0.5
+
+    g_cond, g_both = _grads_of(model, v_cond, g), _grads_of(model, v_both, g)
+    assert rel(g_cond, [w * c for c in g_c]) < 1e-5
+    assert rel(g_both, [w * c + (1 - w) * u for c, u in zip(g_c, g_u, strict=True)]) < 1e-5
+    assert rel(g_both, g_cond) > 0.1  # the two options really differ
+    with pytest.raises(UserError, match="cfg_grad"):
+        model.velocity(x, 0.7, cond, guidance_scale=w, cfg_grad="uncond")
+
+
+def test_split_cfg_forward_runs_the_unconditional_half_without_autograd(tiny_model):
+    """cfg_forward='split': two forwards of B rows with the batched layout's values; under
+    cfg_grad='cond' the unconditional one runs with autograd off (no graph, no backward)."""
+    model = tiny_model
+    model.add_adapter("policy", rank=4, alpha=8)
+    model.set_adapter("policy", trainable=True)
+    _randomize(model, "policy", 3)
+    x, cond = _noise(model, 2), model.encode_prompts(PROMPTS)
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda _m, args, kwargs: calls.append(
+            (kwargs["hidden_states"].shape[0], torch.is_grad_enabled())
+        ),
+        with_kwargs=True,
+    )
+    batched = model.velocity(x, 0.7, cond, guidance_scale=4.5)
+    assert calls == [(4, True)]
+    model.cfg_forward = "split"
+    calls.clear()
+    split = model.velocity(x, 0.7, cond, guidance_scale=4.5, cfg_grad="cond")
+    assert calls == [(2, False), (2, True)]  # [negative] without autograd, then [positive]
+    calls.clear()
+    model.velocity(x, 0.7, cond, guidance_scale=4.5, cfg_grad="both")
+    assert calls == [(2, True), (2, True)]
+    hook.remove()
+    torch.testing.assert_close(split, batched, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="cfg_forward"):
+        SD3Model(model.pipe, cfg_forward="interleaved")
+
+
 def test_adapter_add_set_disable(tiny_model):
     x = _noise(tiny_model, 2)
     cond = tiny_model.encode_prompts(PROMPTS)
@@ -133,7 +205,9 @@ def test_unknown_adapter_is_user_error(tiny_model):
                             adapters=["nope"])  # fmt: skip
 
 
-def test_per_sample_routing_equals_per_adapter_forwards(tiny_model):
+@pytest.mark.parametrize("layout", ["batched", "split"])
+def test_per_sample_routing_equals_per_adapter_forwards(tiny_model, layout):
+    tiny_model.cfg_forward = layout  # split: each half of the CFG pair routed the same way
     for i, name in enumerate(["geneval", "ocr"]):
         tiny_model.add_adapter(name, rank=4, alpha=4)
         _randomize(tiny_model, name, i + 1)
@@ -227,6 +301,55 @@ def test_bf16_network_keeps_float32_math(tiny_pipe):
         ratios.append(torch.exp(st.log_prob - tr.log_probs[:, i]))
     err = (torch.stack(ratios) - 1).abs().mean().item()
     assert err < 1e-6, f"mean |ratio - 1| = {err}"
+
+
+def _stock_bf16_latents(pipe, cond, neg, x_T, steps, round_timestep=False):
+    """The stock ``StableDiffusion3Pipeline`` with its transformer in bf16, from our encoded
+    prompts (so only the transformer + sampler path is compared), latents out."""
+    pipe = copy.deepcopy(pipe)
+    pipe.transformer.to(torch.bfloat16)
+    if round_timestep:  # what flowopd did before: t cast to the model dtype
+
+        def rounded(_module, args, kwargs):
+            kwargs["timestep"] = kwargs["timestep"].to(torch.bfloat16).float()
+            return args, kwargs
+
+        pipe.transformer.register_forward_pre_hook(rounded, with_kwargs=True)
+    bf = torch.bfloat16
+    return pipe(
+        prompt_embeds=cond.embeds.to(bf), pooled_prompt_embeds=cond.pooled.to(bf),
+        negative_prompt_embeds=neg.embeds.to(bf), negative_pooled_prompt_embeds=neg.pooled.to(bf),
+        latents=x_T.to(bf), num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+    ).images.float()  # fmt: skip
+
+
+def test_bf16_ode_sampler_matches_stock_pipeline_in_bf16(tiny_pipe):
+    """flowopd's ODE sampler (what ``flowopd sample`` runs) with a bf16 network vs the stock
+    diffusers pipeline in bf16: both feed the transformer float32 timesteps 1000 * sigma.
+
+    Tolerance on 10-step latents (std ~1.3, max ~4): mean |diff| < 0.02, max < 0.1. bf16
+    keeps 8 significant bits (relative rounding 2^-9 per operation) and the two paths round
+    differently: the stock scheduler rounds the latents to bf16 after every step and combines
+    CFG in bf16, flowopd keeps latents and CFG in float32 and runs the network under
+    autocast. Measured: mean 0.010, max 0.05, the size of the stock pipeline's own
+    bf16-vs-float32 gap (max 0.05). Rounding the timestep to bf16 (987.65 -> 988) gives
+    mean 0.11, max 0.42: the tolerance catches it. The timestep MLP's first layer is scaled
+    x20 so that, as in a trained model, the output depends on t as much as on the rest.
+    """
+    pipe = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        pipe.transformer.time_text_embed.timestep_embedder.linear_1.weight.mul_(20.0)
+    model = SD3Model(copy.deepcopy(pipe), dtype="bfloat16", max_sequence_length=8)
+    cond, neg = model.encode_prompts(PROMPTS), model.negative_cond(2)
+    x_T = _noise(model, 2).bfloat16()  # both start from the same bf16 noise
+    ours = sample(model, cond, 10, kind="ode", guidance_scale=4.5, latents=x_T.float(),
+                  decode=False).latents  # fmt: skip
+    stock = _stock_bf16_latents(pipe, cond, neg, x_T, 10)
+    diff = (ours - stock).abs()
+    print(f"bf16 ODE vs stock bf16: mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < 0.02 and diff.max() < 0.1
+    rounded = (ours - _stock_bf16_latents(pipe, cond, neg, x_T, 10, round_timestep=True)).abs()
+    assert rounded.mean() > 0.04  # a bf16 timestep would fail the tolerance above
 
 
 def test_bf16_grpo_step_grads_reach_float32_lora(tiny_pipe):

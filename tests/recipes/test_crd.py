@@ -137,6 +137,23 @@ def test_snapshot_updates_follow_their_schedules(tmp_path, tiny_pixel_dir):
             torch.testing.assert_close(s1[OLD][k], 0.65 * p1[k])
 
 
+def test_cfg_grad_applies_only_when_the_student_uses_cfg(tmp_path, tiny_pixel_dir):
+    # CRD's student runs without CFG by default: train.cfg_grad changes nothing; with a
+    # guided student it chooses the gradient as in GRPO
+    def policy(name: str, **extra: str) -> dict:
+        (tmp_path / name).mkdir()
+        run = _train(tmp_path / name, tiny_pixel_dir, **{"train.epochs": "1", **extra})
+        return run.model.adapter_state_dict(POLICY)
+
+    plain = {m: policy(f"plain-{m}", **{"train.cfg_grad": m}) for m in ("cond", "both")}
+    assert all(torch.equal(plain["cond"][k], plain["both"][k]) for k in plain["cond"])
+    guided = {
+        m: policy(f"cfg-{m}", **{"train.cfg_grad": m, "model.guidance_scale": "4.5"})
+        for m in ("cond", "both")
+    }
+    assert any(not torch.equal(guided["cond"][k], guided["both"][k]) for k in guided["cond"])
+
+
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_pixel_dir):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()

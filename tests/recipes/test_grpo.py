@@ -63,12 +63,38 @@ def test_grpo_runs_and_writes_outputs(tmp_path, tiny_pixel_dir, tiny_pipe):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
 
 
-def test_first_update_ratio_is_one(tmp_path, tiny_pixel_dir):
-    # one minibatch (all 16 images), no accumulation: the ratio of the first update is 1
-    run_cli(*_config(tmp_path, tiny_pixel_dir, **{"train.epochs": "1", "train.batch_size": "16"}))
-    rec = _log(tmp_path / "run")[0]
-    assert abs(rec["ratio_mean"] - 1.0) < 1e-6
-    assert rec["clip_fraction"] == 0.0
+def test_first_update_ratio_is_one_whichever_cfg_grad(tmp_path, tiny_pixel_dir):
+    # one minibatch (all 16 images), no accumulation: the ratio of the first update is 1,
+    # with gradients through the conditional CFG branch only (the default) or both, and
+    # with the CFG pair batched (the default) or split in two forwards
+    runs = {
+        "default": {},
+        "both": {"train.cfg_grad": "both"},
+        "split": {"model.cfg_forward": "split"},
+    }
+    loras, logs = {}, {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        run_cli(*_config(out, tiny_pixel_dir, **{"train.epochs": "1", "train.batch_size": "16"}, **extra))  # fmt: skip
+        logs[name] = rec = _log(out / "run")[0]
+        assert abs(rec["ratio_mean"] - 1.0) < 1e-6
+        assert rec["clip_fraction"] == 0.0
+        loras[name] = load_file(out / "run" / "lora" / "pytorch_lora_weights.safetensors")
+    resolved = (tmp_path / "default" / "run" / "config.yaml").read_text()
+    assert "cfg_grad: cond" in resolved and "cfg_forward: batched" in resolved
+    # same rollouts, same forward, another gradient: the adapters differ after one update
+    assert any(not torch.equal(v, loras["both"][k]) for k, v in loras["default"].items())
+    # split: the same rollouts, losses and gradient up to float round-off
+    # (policy_loss and kl are ~0 before the first update: ratio 1, adapter B = 0)
+    for key, tol in (
+        ("reward_mean", 1e-6),
+        ("grad_norm", 1e-4),
+        ("policy_loss", 1e-7),
+        ("kl", 1e-7),
+    ):
+        assert logs["split"][key] == pytest.approx(logs["default"][key], rel=tol, abs=tol), key
+    assert logs["default"]["grad_norm"] > 0
 
 
 def test_bad_config_is_one_line_error(tmp_path, tiny_pixel_dir):

@@ -330,3 +330,99 @@ def test_cli_rejects_bad_options():
 
     assert main(["serve-reward", "_test_server_brightness", "--option", "novalue"]) == 2
     assert main(["serve-reward", "no_such_reward_xyz", "--port", "0"]) == 2
+    for flag in ("--max-threads", "--max-pixels"):
+        assert main(["serve-reward", "_test_server_brightness", "--port", "0", flag, "0"]) == 2
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit grayscale PNG of width x height black pixels, built row by row so the
+    test itself never holds the inflated image: 12000 x 12000 is ~18 KB on the wire, an
+    18 MB zlib stream, and PIL would allocate 144 MB (mode "1") then 432 MB as RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, grayscale
+    z = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    sig = b"\x89PNG\r\n\x1a\n"
+    return sig + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_huge_dimension_png_is_rejected_from_its_header_without_decoding(monkeypatch):
+    from PIL import Image
+
+    small = base64.b64encode(bomb_png(64, 64)).decode()
+    assert decode_png(small, max_pixels=64 * 64).shape == (3, 64, 64)  # the builder is valid
+    bomb = base64.b64encode(bomb_png(12000, 12000)).decode()
+    assert len(bomb) < 40_000  # far under any byte limit
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    with pytest.raises(ValueError, match=r"12000x12000 = 144000000 pixels exceeds the limit"):
+        decode_png(bomb, max_pixels=4096 * 4096)
+    # without a limit PIL's own (MAX_IMAGE_PIXELS, ~89 M) applies, still from the header
+    with pytest.raises(ValueError, match="exceeds the limit of 89478485"):
+        decode_png(bomb)
+    s = Server(max_pixels=4096 * 4096)
+    try:
+        status, body = s.post({"images": [bomb], "prompts": ["x"]}, token=None)
+        assert status == 413
+        assert body["error"] == (
+            "images[0]: 12000x12000 = 144000000 pixels exceeds the limit of 16777216 per "
+            "image (--max-pixels); send smaller images"
+        )
+        assert opened == []  # PIL never saw it: nothing was inflated or allocated
+        # several images within the per-image limit can still exceed the request's total
+        s.server.max_request_pixels = 3 * 8 * 10
+        status, body = s.post(good_payload(4), token=None)
+        assert status == 413 and "per request" in body["error"]
+        assert opened == []
+        s.server.max_request_pixels = 4 * 8 * 10
+        assert s.post(good_payload(4), token=None)[0] == 200
+        assert s.request("GET", "/health")[1]["max_pixels"] == 4096 * 4096
+    finally:
+        s.close()
+
+
+def handler_threads() -> int:
+    """Live connection-handler threads (socketserver names them after their target)."""
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_handler_threads_are_bounded():
+    """max_threads connections at once: a third waits for a free handler (served when one
+    frees), or gets a 503 after queue_timeout; never a fourth thread."""
+    s = Server(max_threads=2, queue_timeout=0.5, timeout=10)
+    stalled = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b'{"images":'
+    held = [socket.create_connection((s.host, s.port), timeout=5) for _ in range(2)]
+    try:
+        for c in held:
+            c.sendall(stalled)  # each holds a handler, waiting for the rest of its body
+        time.sleep(0.3)
+        assert handler_threads() == 2
+        t0 = time.monotonic()
+        status, body = s.post(good_payload(1), token=None)
+        assert status == 503 and body["error"].startswith("server busy: 2 connections")
+        assert 0.4 < time.monotonic() - t0 < 5
+        assert " 503 " in s.lines[-1]
+        assert handler_threads() == 2  # refused on the accept loop, no thread started
+        # queued rather than refused when a handler frees within queue_timeout
+        s.server.queue_timeout = 5.0
+        answers = []
+        post = lambda: answers.append(s.post(good_payload(1), token=None)[0])  # noqa: E731
+        waiter = threading.Thread(target=post)
+        waiter.start()
+        time.sleep(0.3)
+        assert answers == []  # waiting for a slot
+        held[0].shutdown(socket.SHUT_WR)  # its handler answers 400 and frees the slot
+        waiter.join(timeout=5)
+        assert answers == [200]
+    finally:
+        for c in held:
+            c.close()
+        s.close()

@@ -33,6 +33,19 @@ def register(sub) -> None:
         "--max-bytes", type=int, default=64 * 2**20, help="largest request body in bytes (64 MiB)"
     )
     p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="most pixels (width x height, read from the PNG header before decoding) per "
+        "image (4096 x 4096)",
+    )
+    p.add_argument(
+        "--max-threads",
+        type=int,
+        default=8,
+        help="most connections handled at once; others wait, then get a 503 (8)",
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],
@@ -93,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         token=token,
         max_batch=args.max_batch,
         max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
+        max_threads=args.max_threads,
     )
     print(f"serving reward '{args.name}' on {server.url} (Ctrl-C to stop)", file=sys.stderr)
     sys.stderr.flush()

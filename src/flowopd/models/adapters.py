@@ -12,17 +12,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-# SD3 / SD3.5 MMDiT attention: image-stream q/k/v/out and the context-stream projections.
-SD3_TARGETS: tuple[str, ...] = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
+# re-exported: the default targets of ``add_adapter`` (Flow-GRPO's; see lora_targets.py)
+from flowopd.lora_targets import SD3_ATTN2_TARGETS as SD3_ATTN2_TARGETS
+from flowopd.lora_targets import SD3_TARGETS as SD3_TARGETS
 
 
 def lora_layers(module: nn.Module) -> Iterator[nn.Module]:

@@ -89,11 +89,14 @@ class FlowModel(Protocol):
         *,
         guidance_scale: float = 1.0,
         adapters: Sequence[str] | None = None,
+        cfg_grad: str = "both",
     ) -> Tensor:
         """Velocity v(x, sigma | cond), CFG-combined ``v_u + w (v_c - v_u)`` in one forward.
 
         x: (B, C, h, w); returns (B, C, h, w) float32. ``adapters`` routes each sample
         through its own LoRA adapter (``BASE`` for none) in the same forward.
+        ``cfg_grad`` ("both" | "cond"): under autograd, "cond" detaches ``v_u`` so the
+        gradient is ``w dv_c`` (Flow-GRPO's training forward); the value is unchanged.
         """
         ...
 

@@ -26,6 +26,11 @@ from flowopd.models.base import Cond
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 FLOWOPD_META = "flowopd.json"  # optional per-model defaults written by `flowopd pretrain`
 
+# Gradient through the CFG pair in a forward with grad, and how the pair runs: one
+# batched forward or two (see ``SD3Model.velocity``).
+CFG_GRAD = ("cond", "both")
+CFG_FORWARD = ("batched", "split")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -56,6 +61,10 @@ class SD3Model:
     the forward runs under autocast to ``dtype`` (so a bf16 network feeds float32 SDE math).
     Classifier-free guidance concatenates [negative, positive] into one forward, as the
     diffusers pipeline does, so our sampler and the pipeline agree to float precision.
+    ``cfg_forward="split"`` runs the two halves as two forwards instead: the same values up
+    to float round-off, and a training forward that detaches the unconditional branch
+    (``cfg_grad="cond"``) then runs it without autograd, so the backward covers half the
+    rows and half the activations are kept.
     """
 
     backend = "sd3"
@@ -73,7 +82,13 @@ class SD3Model:
         compile: bool = False,
         offload_text_encoders: bool = False,
         default_guidance_scale: float = 4.5,
+        cfg_forward: str = "batched",
     ) -> None:
+        if cfg_forward not in CFG_FORWARD:
+            raise unknown("cfg_forward", cfg_forward, CFG_FORWARD)
+        # how the CFG pair runs, the same in sampling, training and evaluation so that the
+        # re-scored log-probs equal the collected ones (see ``velocity``)
+        self.cfg_forward = cfg_forward
         self.pipe = pipe
         # the CFG scale that sampling and evaluation use when none is given: the model
         # directory's flowopd.json "guidance_scale", else 4.5 (SD3.5's usual setting)
@@ -129,11 +144,12 @@ class SD3Model:
         gradient_checkpointing: bool = False,
         compile: bool = False,
         offload_text_encoders: bool = False,
+        cfg_forward: str = "batched",
     ) -> SD3Model:
         """Load a diffusers pipeline directory (``model_index.json``) or a hub id.
 
-        gradient_checkpointing / compile / offload_text_encoders: see ``SD3Model``'s
-        constructor (memory and speed options; all off by default).
+        gradient_checkpointing / compile / offload_text_encoders / cfg_forward: see
+        ``SD3Model``'s constructor (memory and speed options; all off by default).
         """
         from diffusers import StableDiffusion3Pipeline
 
@@ -176,7 +192,7 @@ class SD3Model:
         return cls(
             pipe, device=device, dtype=dtype, max_sequence_length=msl, path=str(path),
             gradient_checkpointing=gradient_checkpointing, compile=compile,
-            offload_text_encoders=offload_text_encoders,
+            offload_text_encoders=offload_text_encoders, cfg_forward=cfg_forward,
             default_guidance_scale=float(meta.get("guidance_scale", 4.5)),
         )  # fmt: skip
 
@@ -297,13 +313,25 @@ class SD3Model:
         *,
         guidance_scale: float = 1.0,
         adapters: Sequence[str] | None = None,
+        cfg_grad: str = "both",
     ) -> Tensor:
-        """v(x, sigma | cond) with CFG ``v_u + w (v_c - v_u)`` in one batched forward.
+        """v(x, sigma | cond) with CFG ``v_u + w (v_c - v_u)``.
+
+        The CFG pair runs as ``cfg_forward`` says: "batched" (one forward over
+        [negative, positive], as the diffusers pipeline) or "split" (two forwards).
 
         x: (B, C, h, w); sigma: float or (B,); cond: B rows. Returns float32 (B, C, h, w).
-        The transformer is called with ``timestep = 1000 * sigma`` as diffusers does.
+        cfg_grad: which CFG branches carry gradients; "both" (the derivative of the guided
+        velocity, ``(1 - w) dv_u + w dv_c``) or "cond" (``v_u`` detached: ``w dv_c``, as
+        Flow-GRPO trains). The forward value is the same either way; with "split" the
+        detached branch also skips its backward and its stored activations.
+        The transformer is called with ``timestep = 1000 * sigma`` in float32, as the
+        diffusers pipeline passes it, whatever the model dtype (bf16 would round 987.65 to
+        988; the sinusoidal embedding is computed in float32 inside the model).
         """
         b = x.shape[0]
+        if cfg_grad not in CFG_GRAD:
+            raise unknown("cfg_grad", cfg_grad, CFG_GRAD)
         if len(cond) != b:
             raise ValueError(f"cond has {len(cond)} rows for a batch of {b}")
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
@@ -320,25 +348,40 @@ class SD3Model:
                 "per-sample adapter routing with gradients cannot be combined with "
                 "gradient_checkpointing; turn one of them off"
             )
-        if cfg:
-            x_in = torch.cat([x_in, x_in])
-            t_in = torch.cat([t_in, t_in])
-            c_in = Cond.cat([self.negative_cond(b).to(self.device), c_in])
-            names = names + names if names is not None else None
+        if not cfg:
+            return self._forward(x_in, t_in, c_in, names)
+        neg = self.negative_cond(b).to(self.device)
+        if self.cfg_forward == "split":
+            # two forwards of B rows; under "cond" the unconditional one keeps no autograd
+            # graph: no activations stored, and the backward covers the B conditional rows
+            with torch.no_grad() if cfg_grad == "cond" else nullcontext():
+                v_u = self._forward(x_in, t_in, neg, names)
+            v_c = self._forward(x_in, t_in, c_in, names)
+        else:
+            out = self._forward(
+                torch.cat([x_in, x_in]), torch.cat([t_in, t_in]), Cond.cat([neg, c_in]),
+                names + names if names is not None else None,
+            )  # fmt: skip
+            v_u, v_c = out.chunk(2)  # (B, C, h, w) each: [negative, positive]
+            if cfg_grad == "cond":
+                # the same values, but no gradient from the unconditional half (its rows
+                # still run through the backward, with a zero upstream gradient)
+                v_u = v_u.detach()
+        return v_u + guidance_scale * (v_c - v_u)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Cond, names: list[str] | None) -> Tensor:
+        """One transformer call: x (N, C, h, w), t (N,) float32 timesteps, cond N rows;
+        returns float32 (N, C, h, w)."""
         routing = self._routing(names) if names else nullcontext()
         with routing, self._autocast():
             out = self.transformer(
-                hidden_states=x_in.to(self.dtype),
-                timestep=t_in.to(self.dtype),
-                encoder_hidden_states=c_in.embeds.to(self.dtype),
-                pooled_projections=c_in.pooled.to(self.dtype),
+                hidden_states=x.to(self.dtype),
+                timestep=t,  # float32 (N,): never cast to the model dtype
+                encoder_hidden_states=cond.embeds.to(self.dtype),
+                pooled_projections=cond.pooled.to(self.dtype),
                 return_dict=False,
             )[0]
-        out = out.float()
-        if not cfg:
-            return out
-        v_u, v_c = out.chunk(2)
-        return v_u + guidance_scale * (v_c - v_u)
+        return out.float()
 
     @contextmanager
     def _routing(self, names: list[str]) -> Iterator[None]:

@@ -245,16 +245,21 @@ def rescore_step(
     noise_level: float,
     guidance_scale: float,
     adapters: Sequence[str] | None = None,
+    cfg_grad: str = "both",
 ) -> tuple[sde.StepOutput, Tensor]:
     """Recompute step ``step`` of recorded trajectories with the current weights.
 
     Returns the step (its ``log_prob`` scores the recorded next state, ``mean`` carries the
-    gradient) and the CFG-combined velocity v (B, C, h, w).
+    gradient) and the CFG-combined velocity v (B, C, h, w). ``cfg_grad``: which CFG branches
+    carry the gradient (``train.cfg_grad``; see ``FlowModel.velocity``); the velocity is
+    computed exactly as in sampling either way, so the ratio is 1 before any update.
     """
     sigmas = traj.sigmas
     s, s_next = float(sigmas[step]), float(sigmas[step + 1])
     x = traj.latents[:, step]
-    v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
+    v = model.velocity(
+        x, s, cond, guidance_scale=guidance_scale, adapters=adapters, cfg_grad=cfg_grad
+    )
     out = step_fn(kind)(
         v, x, s, s_next, noise_level, sigma_max=float(sigmas[1]),
         prev_sample=traj.latents[:, step + 1],

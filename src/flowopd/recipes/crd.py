@@ -205,7 +205,8 @@ def train_crd(cfg: CRDConfig) -> Run:
                                 v_base = model.velocity(
                                     x_t, sigma, cb, guidance_scale=c.anchor_guidance_scale
                                 )
-                    v = model.velocity(x_t, sigma, cb, guidance_scale=w_student)
+                    v = model.velocity(x_t, sigma, cb, guidance_scale=w_student,
+                                       cfg_grad=t.cfg_grad)  # fmt: skip
                     implicit = implicit_reward(v, v_old, u, normalize=c.normalize)  # (B,)
                     loss, st = crd_loss(implicit, ab, gb, beta=c.beta)
                     if c.kl_anchor:

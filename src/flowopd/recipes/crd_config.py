@@ -101,6 +101,12 @@ class CRDTrainConfig(TrainConfig):
     )
     kl_form: Literal["public", "exact"] = _help("Flow-GRPO only; unused by CRD.", "public")
     timestep_fraction: float = _help("Flow-GRPO only; unused by CRD.", 0.99)
+    cfg_grad: Literal["cond", "both"] = _help(
+        "Gradient through the student's CFG pair (as in Flow-GRPO: 'cond' detaches the "
+        "unconditional prediction). No effect at CRD's default model.guidance_scale=1.0 "
+        "(the student runs without CFG); the KL anchor's guided base is never differentiated.",
+        "cond",
+    )
 
 
 @dataclass

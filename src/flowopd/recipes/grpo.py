@@ -108,7 +108,8 @@ def train_grpo(cfg: GRPOConfig) -> Run:
                 for j in steps:
                     step, _ = rescore_step(model, traj, j, cond, kind=s.kind,
                                            noise_level=s.noise_level,
-                                           guidance_scale=cfg.model.guidance_scale)  # fmt: skip
+                                           guidance_scale=cfg.model.guidance_scale,
+                                           cfg_grad=t.cfg_grad)  # fmt: skip
                     kl = None
                     if t.beta_kl > 0:
                         with torch.no_grad(), model.adapters_disabled():

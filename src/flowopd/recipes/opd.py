@@ -158,7 +158,8 @@ def train_opd(cfg: OPDConfig) -> Run:
                 for j in steps:
                     step, v_s = rescore_step(model, traj, j, cond, kind=s.kind,
                                              noise_level=s.noise_level,
-                                             guidance_scale=cfg.model.guidance_scale)  # fmt: skip
+                                             guidance_scale=cfg.model.guidance_scale,
+                                             cfg_grad=t.cfg_grad)  # fmt: skip
                     v_t, v_a = teacher_velocities(
                         model, traj.latents[:, j], float(sig[j]), cond, mb_teachers,
                         teachers.anchor, guidance_scale=cfg.model.guidance_scale,

@@ -19,7 +19,7 @@ from flowopd.paths import resolve_model_path
 from flowopd.rewards.base import RewardFn, get_reward
 
 # ModelConfig switches passed to the backend's from_pretrained when set (see grpo_config)
-SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders")
+SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import os
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -47,28 +48,55 @@ def encode_png(image: Tensor | np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_png(data: str, max_pixels: int | None = None) -> Tensor:
-    """A base64 PNG string -> (3, H, W) float32 in [0, 1]. Raises ``ValueError`` on anything that
-    is not a well-formed PNG (or has more than ``max_pixels`` pixels)."""
-    from PIL import Image
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+
+def png_header(data: str) -> tuple[bytes, int, int]:
+    """A base64 PNG string -> (its bytes, width, height), the size read from the IHDR chunk
+    (bytes 16-24) without decoding anything. Raises ``ValueError`` when it is not a PNG."""
     if not isinstance(data, str):
         raise ValueError(f"image must be a base64 string, got {type(data).__name__}")
     try:
         raw = base64.b64decode(data, validate=True)
     except (ValueError, TypeError) as e:
         raise ValueError(f"image is not valid base64 ({e})") from None
-    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+    if not raw.startswith(PNG_SIGNATURE):
         raise ValueError("image is not a PNG")
+    # signature (8) | IHDR length (4) | "IHDR" (4) | width (4) | height (4), big-endian
+    if len(raw) < 24 or raw[12:16] != b"IHDR":
+        raise ValueError("image is not a readable PNG (no IHDR header)")
+    width, height = struct.unpack(">II", raw[16:24])
+    if width == 0 or height == 0:
+        raise ValueError(f"image has an empty size {width}x{height}")
+    return raw, width, height
+
+
+def decode_png(data: str | tuple[bytes, int, int], max_pixels: int | None = None) -> Tensor:
+    """A base64 PNG string (or ``png_header``'s result) -> (3, H, W) float32 in [0, 1].
+
+    The pixel count ``width x height`` is checked against ``max_pixels`` (default: PIL's
+    ``MAX_IMAGE_PIXELS``, ~89 M) from the header, before PIL allocates or inflates anything:
+    a PNG of a few KB can declare 100,000 x 100,000 pixels of one colour. Raises
+    ``ValueError`` on anything that is not a well-formed PNG within the limit.
+    """
+    from PIL import Image
+
+    raw, width, height = png_header(data) if isinstance(data, str) else data
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{limit} pixels; send smaller images or raise the server's --max-pixels"
+        )
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ValueError(f"image of {im.width}x{im.height} exceeds {max_pixels} pixels")
-            im.load()
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
+            if im.size != (width, height):  # one IHDR, so never; but never decode unchecked
+                raise ValueError(f"PNG header says {width}x{height}, the decoder {im.size}")
+            im.load()  # inflates at most width x height pixels (IHDR bounds the decoder)
             arr = np.asarray(im.convert("RGB"))
     except ValueError:
         raise
-    except Exception as e:  # PIL raises many types on corrupt data
+    except Exception as e:  # PIL raises many types on corrupt data (and on its own bombs)
         raise ValueError(f"image is not a readable PNG ({type(e).__name__}: {e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 

@@ -2,18 +2,24 @@
 
 Endpoints (JSON in and out, never pickle; images as base64 PNG, see ``remote.py``)::
 
-    GET  /health  -> 200 {"status": "ok", "reward": NAME, "max_batch": N, "max_bytes": B}
+    GET  /health  -> 200 {"status": "ok", "reward": NAME, "max_batch": N, "max_bytes": B,
+                          "max_pixels": P, "max_request_pixels": Q}
     POST /score   {"images": [...], "prompts": [...], "metadata": [...]?} -> 200 {"scores": [...]}
 
 Safety: binds loopback by default; optional bearer token (constant-time compare); the body
 must declare a ``Content-Length`` of at most ``max_bytes`` (checked before reading); at most
-``max_batch`` images and ``max_pixels`` pixels per image; sockets time out. Every malformed,
-oversized or unauthenticated request gets a 4xx ``{"error": ...}`` and the server keeps serving;
-a reward that raises gets a 500 (a ``UserError`` from the reward, e.g. bad metadata, a 400).
+``max_batch`` images, ``max_pixels`` pixels per image and ``max_request_pixels`` in all, read
+from every PNG's header before any image is decoded (a PNG of a few KB can declare billions of
+pixels); sockets time out. Every malformed, oversized or unauthenticated request gets a 4xx
+``{"error": ...}`` and the server keeps serving; a reward that raises gets a 500 (a
+``UserError`` from the reward, e.g. bad metadata, a 400). At most ``max_threads`` connections
+are handled at once (each holds at most one request body and its decoded images); the next
+waits up to ``queue_timeout`` seconds for a free handler, then gets a 503 that clients retry.
 Reward calls are serialised by a lock (models are rarely thread-safe). One log line a request::
 
     127.0.0.1 POST /score 200 n=8 12.3ms
     127.0.0.1 POST /score 401 n=- 0.1ms missing or wrong bearer token
+    127.0.0.1 - - 503 n=- 10000.2ms server busy: 8 connections in progress
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 
 from flowopd.errors import UserError
 from flowopd.rewards.base import RewardFn
-from flowopd.rewards.remote import decode_png
+from flowopd.rewards.remote import decode_png, png_header
 
 
 class RequestError(Exception):
@@ -58,17 +64,33 @@ class RewardServer(ThreadingHTTPServer):
         max_batch: int = 64,
         max_bytes: int = 64 * 2**20,
         max_pixels: int = 4096 * 4096,
+        max_request_pixels: int | None = None,
+        max_threads: int = 8,
+        queue_timeout: float = 10.0,
         timeout: float = 30.0,
         log: TextIO | Callable[[str], None] | None = None,
     ) -> None:
-        if max_batch < 1 or max_bytes < 1:
-            raise UserError("--max-batch and --max-bytes must be >= 1")
+        # default: 64 images of 1024 x 1024 (805 MB as float32 RGB), or one of max_pixels
+        if max_request_pixels is None:
+            max_request_pixels = max(max_pixels, 64 * 2**20)
+        limits = {"--max-batch": max_batch, "--max-bytes": max_bytes, "--max-pixels": max_pixels,
+                  "--max-request-pixels": max_request_pixels, "--max-threads": max_threads}  # fmt: skip
+        for flag, value in limits.items():
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"{flag} must be an integer >= 1, got {value!r}")
+        if not queue_timeout >= 0 or not timeout > 0:  # NaN fails both
+            raise UserError(f"timeouts must be positive, got {queue_timeout} and {timeout}")
         self.reward, self.name, self.token = reward, name, token or None
         self.max_batch, self.max_bytes, self.max_pixels = max_batch, max_bytes, max_pixels
+        self.max_request_pixels = max_request_pixels
+        self.max_threads, self.queue_timeout = max_threads, queue_timeout
         self.timeout_s = timeout
         self.reward_lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._log = log if log is not None else sys.stderr
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._closing = threading.Event()
+        self.request_queue_size = max(16, 2 * max_threads)  # listen backlog while all are busy
         super().__init__(address, _Handler)
 
     @property
@@ -104,14 +126,13 @@ class RewardServer(ThreadingHTTPServer):
             raise RequestError(400, "'metadata' must be a list of JSON objects")
         if len(metadata) != len(images):
             raise RequestError(400, f"{len(images)} images but {len(metadata)} metadata records")
+        headers = self._check_sizes(images)
         tensors = []
-        for i, data in enumerate(images):
+        for i, header in enumerate(headers):
             try:
-                tensors.append(decode_png(data, self.max_pixels))
+                tensors.append(decode_png(header, self.max_pixels))
             except ValueError as e:
                 raise RequestError(400, f"images[{i}]: {e}") from None
-        if len({t.shape for t in tensors}) != 1:
-            raise RequestError(400, "all images of a request must have the same size")
         batch = torch.stack(tensors)  # (B, 3, H, W)
         with self.reward_lock:
             try:
@@ -124,6 +145,74 @@ class RewardServer(ThreadingHTTPServer):
                 500, f"reward returned {len(scores)} scores for {len(images)} images"
             )
         return scores.tolist()
+
+    def _check_sizes(self, images: list) -> list[tuple[bytes, int, int]]:
+        """Every PNG's header (no pixel decoded yet): one size for all, within the limits."""
+        headers = []
+        for i, data in enumerate(images):
+            try:
+                headers.append(png_header(data))
+            except ValueError as e:
+                raise RequestError(400, f"images[{i}]: {e}") from None
+            _, w, h = headers[-1]
+            if w * h > self.max_pixels:
+                raise RequestError(
+                    413, f"images[{i}]: {w}x{h} = {w * h} pixels exceeds the limit of "
+                    f"{self.max_pixels} per image (--max-pixels); send smaller images",
+                )  # fmt: skip
+        if len({(w, h) for _, w, h in headers}) != 1:
+            raise RequestError(400, "all images of a request must have the same size")
+        total = sum(w * h for _, w, h in headers)
+        if total > self.max_request_pixels:
+            raise RequestError(
+                413, f"{len(images)} images of {total} pixels in all exceed the limit of "
+                f"{self.max_request_pixels} per request (--max-request-pixels); send fewer",
+            )  # fmt: skip
+        return headers
+
+    # -- bounded handler threads ------------------------------------------------------------
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Start a handler thread when one of ``max_threads`` slots is free (waiting up to
+        ``queue_timeout`` seconds, while new connections queue in the listen backlog);
+        otherwise answer 503 (clients retry 5xx) and close."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.queue_timeout
+        while not self._slots.acquire(timeout=0.05):
+            if self._closing.is_set() or time.monotonic() >= deadline:
+                self._refuse_busy(request, client_address, t0)
+                return
+        try:
+            super().process_request(request, client_address)  # the thread releases the slot
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket, client_address: Any, t0: float) -> None:
+        msg = f"server busy: {self.max_threads} connections in progress; retry later"
+        body = json.dumps({"error": msg}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        self.log_line(f"{client_address[0]} - - 503 n=- {ms:.1f}ms {msg}")
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+            _linger(request, seconds=0.5)  # let the client read it before the close
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown(self) -> None:
+        self._closing.set()  # a connection waiting for a slot is refused at once
+        super().shutdown()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -183,6 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "reward": self.server.name,
                 "max_batch": self.server.max_batch,
                 "max_bytes": self.server.max_bytes,
+                "max_pixels": self.server.max_pixels,
+                "max_request_pixels": self.server.max_request_pixels,
             },
             None,
             t0,
