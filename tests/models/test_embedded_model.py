@@ -48,7 +48,9 @@ def test_shipped_model_follows_prompts_far_better_than_untrained(shipped):
     rand = evaluate(untrained, "toy-geneval,toy-ocr", SETTINGS).metrics
     # an untrained network draws noise: nothing is detected, nothing is read
     assert rand["toy-geneval"]["overall"] <= 0.05 and rand["toy-ocr"]["overall"] <= 0.05
-    # measured on these prompts: toy-geneval 0.450, toy-ocr 0.647 (a 360-prompt GenEval eval
-    # gives 0.325); the floors leave room for float differences between machines
+    # measured on these prompts (world v2 base, docs/EMBEDDED_MODEL.md): toy-geneval 0.317
+    # with single objects 1.00, toy-ocr 0.508 (300 prompts: 0.363 +- 0.019 and 0.447 +-
+    # 0.015); the floors leave room for float differences between machines
     assert ours["toy-geneval"]["overall"] >= 0.25, ours
-    assert ours["toy-ocr"]["overall"] >= 0.5, ours
+    assert ours["toy-geneval"]["single_object"] >= 0.9, ours  # it renders objects cleanly
+    assert ours["toy-ocr"]["overall"] >= 0.35, ours

@@ -201,7 +201,7 @@ def _meta(cfg: PretrainConfig, step: int, minutes: float) -> dict:
         "minutes": round(minutes, 2),
         "device": cfg.device,
         "config": conf,
-        "stages": _previous_stages(cfg.init) + [conf],
+        "stages": _previous_stages(cfg.init) + [{**conf, "steps_done": step, "minutes": minutes}],
         "arch": asdict(cfg.arch),
         "guidance_scale": cfg.guidance_scale,
     }
