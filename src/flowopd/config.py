@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -79,11 +80,23 @@ def load_config(
             raise UserError(f"config file '{path}' not found")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
+                "pass a YAML config (see configs/) or re-save it as UTF-8"
+            ) from None
+        except OSError as e:
+            raise UserError(
+                f"config file '{path}' cannot be read ({e.strerror}); fix its path or permissions"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(f"config file '{path}': invalid YAML{at}: {problem}") from None
+            raise UserError(
+                f"config file '{path}': invalid YAML{at}: {problem}; fix the file "
+                "(configs/ holds working examples)"
+            ) from None
         if data is None:  # an empty file means "all defaults"
             data = {}
         if not isinstance(data, Mapping):
@@ -337,15 +350,24 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _type_error(key, "a number", value, where)
+        number: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # PyYAML (YAML 1.1) reads '1e-4' as a string: accept every float spelling.
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise _type_error(key, "a number", value, where)
+        if number is None:
+            raise _type_error(key, "a number", value, where)
+        if not math.isfinite(number):
+            # no setting means anything at nan or +-inf; they only surface epochs later
+            raise UserError(
+                f"config key '{key}' must be a finite number, got {value!r}{_where(where)}; "
+                f"fix the value (e.g. {key}=0.5)"
+            )
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "flowopd.cli.pretrain",
     "flowopd.cli.eval",
     "flowopd.cli.train",
+    "flowopd.cli.check",
     "flowopd.cli.estimate",
     "flowopd.cli.merge",
     "flowopd.cli.pipeline",

@@ -44,15 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     from flowopd.cli.train import ALGOS, _load
     from flowopd.config import load_config
-    from flowopd.errors import UserError, unknown
-    from flowopd.perf import estimate_run, format_estimate
+    from flowopd.errors import unknown
+    from flowopd.perf import format_estimate
 
     if args.algo not in ALGOS:
         raise unknown("algorithm", args.algo, ALGOS)
-    if args.gpus < 1:
-        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
-    if args.mfu is not None and not 0 < args.mfu <= 1:
-        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+    check_device_args(args)
     cfg = load_config(_load(ALGOS[args.algo][0]), args.config, list(args.overrides), validate=False)
     # the checks that need no data files (an estimate runs before the data is in place)
     for section in ("model", "sample", "train"):
@@ -61,13 +58,33 @@ def run(args: argparse.Namespace) -> int:
             hook()
     if hasattr(cfg, "check_distributed"):
         cfg.check_distributed(args.gpus)
-    est = estimate_run(cfg, args.gpu, args.gpus, mfu=args.mfu)
-    if args.algo != "grpo":
-        est.notes.append(
-            f"'{args.algo}' is costed as GRPO (policy forward + backward and one reference "
-            "forward per trained step); its own extra forwards (teachers, anchors) are not"
-        )
+    est = estimate_for(args.algo, cfg, args.gpu, args.gpus, args.mfu)
     print(format_estimate(est))
     if args.json:
         Path(args.json).write_text(json.dumps(est.to_dict(), indent=2) + "\n")
     return 0
+
+
+def check_device_args(args: argparse.Namespace) -> None:
+    """``--gpus`` >= 1 and ``--mfu`` in (0, 1] (NaN and inf rejected)."""
+    import math
+
+    from flowopd.errors import UserError
+
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.mfu is not None and not (math.isfinite(args.mfu) and 0 < args.mfu <= 1):
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
+
+
+def estimate_for(algo: str, cfg, gpu: str, gpus: int, mfu: float | None):
+    """``perf.estimate_run`` with a note when ``algo`` is costed as GRPO."""
+    from flowopd.perf import estimate_run
+
+    est = estimate_run(cfg, gpu, gpus, mfu=mfu)
+    if algo != "grpo":
+        est.notes.append(
+            f"'{algo}' is costed as GRPO (policy forward + backward and one reference "
+            "forward per trained step); its own extra forwards (teachers, anchors) are not"
+        )
+    return est

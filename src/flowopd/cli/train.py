@@ -14,6 +14,12 @@ ALGOS = {
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train with a recipe: " + ", ".join(ALGOS))
+    add_run_args(p)
+    p.set_defaults(handler=run)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of a training run (shared by ``train`` and ``check``)."""
     p.add_argument("algo", help="algorithm: " + ", ".join(ALGOS))
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
     p.add_argument("--out", default=None, help="output directory (same as output.dir=DIR)")
@@ -24,7 +30,6 @@ def register(sub) -> None:
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
-    p.set_defaults(handler=run)
 
 
 def _load(spec: str):
@@ -34,8 +39,9 @@ def _load(spec: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowopd.config import dump_config, load_config
+def load_run_config(args: argparse.Namespace):
+    """The validated config of ``train`` / ``check`` arguments (file, --out, --resume, overrides)."""
+    from flowopd.config import load_config
     from flowopd.errors import UserError, unknown
 
     if args.algo not in ALGOS:
@@ -48,12 +54,28 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output.dir={args.out}")
     if args.resume:
         overrides.append("output.resume=true")
-    cfg_cls, fn = ALGOS[args.algo]
-    cfg = load_config(_load(cfg_cls), args.config, overrides)
+    return load_config(_load(ALGOS[args.algo][0]), args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from flowopd.config import dump_config
+    from flowopd.recipes.preflight import check_run
+
+    cfg = load_run_config(args)
     if args.print_config:
         print(dump_config(cfg))
         return 0
+    # `flowopd check`'s validation, before any model loads (torchrun sets WORLD_SIZE)
+    plan = check_run(args.algo, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for w in plan.warnings:
+            print(f"warning: {w}", file=sys.stderr)
     from flowopd.engine.distributed import shutdown
+
+    fn = ALGOS[args.algo][1]
 
     try:
         _load(fn)(cfg)

@@ -71,7 +71,13 @@ class FlowModel(Protocol):
         ...
 
     @property
-    def default_resolution(self) -> int: ...
+    def default_resolution(self) -> int:
+        """The image side sampling uses when none is given (a run's ``model.resolution``)."""
+        ...
+
+    def set_resolution(self, resolution: int | None) -> None:
+        """Make ``resolution`` px the default of sampling; None = the model's native side."""
+        ...
 
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """Text embeddings for a list of prompts (no grad)."""

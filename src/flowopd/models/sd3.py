@@ -82,6 +82,7 @@ class SD3Model:
         compile: bool = False,
         offload_text_encoders: bool = False,
         default_guidance_scale: float = 4.5,
+        resolution: int | None = None,
         cfg_forward: str = "batched",
     ) -> None:
         if cfg_forward not in CFG_FORWARD:
@@ -94,6 +95,9 @@ class SD3Model:
         # directory's flowopd.json "guidance_scale", else 4.5 (SD3.5's usual setting)
         self.default_guidance_scale = float(default_guidance_scale)
         self.path = path
+        # the image side sampling uses when none is given (a run's model.resolution);
+        # None = the transformer's sample_size x the VAE scale (1024 px for SD3.5-M)
+        self.resolution: int | None = None
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         self.max_sequence_length = max_sequence_length
@@ -123,6 +127,8 @@ class SD3Model:
             # unchanged; adding an adapter or new shapes trigger a recompilation
             self.transformer.compile()
         self._neg: Cond | None = None
+        if resolution is not None:
+            self.set_resolution(resolution)
         self._trainable: str | None = None
         self._active: str | None = None
         self.shift = float(pipe.scheduler.config.get("shift", 3.0))
@@ -144,12 +150,14 @@ class SD3Model:
         gradient_checkpointing: bool = False,
         compile: bool = False,
         offload_text_encoders: bool = False,
+        resolution: int | None = None,
         cfg_forward: str = "batched",
     ) -> SD3Model:
         """Load a diffusers pipeline directory (``model_index.json``) or a hub id.
 
         gradient_checkpointing / compile / offload_text_encoders / cfg_forward: see
         ``SD3Model``'s constructor (memory and speed options; all off by default).
+        resolution: the image side sampling uses by default (see ``set_resolution``).
         """
         from diffusers import StableDiffusion3Pipeline
 
@@ -194,6 +202,7 @@ class SD3Model:
             gradient_checkpointing=gradient_checkpointing, compile=compile,
             offload_text_encoders=offload_text_encoders, cfg_forward=cfg_forward,
             default_guidance_scale=float(meta.get("guidance_scale", 4.5)),
+            resolution=resolution,
         )  # fmt: skip
 
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
@@ -235,14 +244,35 @@ class SD3Model:
         return 1 if self.pixel_space else int(self.pipe.vae_scale_factor)
 
     @property
-    def default_resolution(self) -> int:
+    def native_resolution(self) -> int:
+        """The transformer's sample_size x the VAE scale (1024 px for SD3.5-M)."""
         return int(self.transformer.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def default_resolution(self) -> int:
+        """The image side used when none is given: ``set_resolution``'s, else native."""
+        return self.resolution or self.native_resolution
+
+    def set_resolution(self, resolution: int | None) -> None:
+        """Sample (and so train and evaluate) at ``resolution`` px by default; None = native.
+
+        A run's ``model.resolution`` lands here: SD3.5-M at 512 px samples (4, 16, 64, 64)
+        latents where its native 1024 px would give (4, 16, 128, 128), 4x the tokens.
+        """
+        if resolution is not None:
+            self.latent_shape(resolution)  # a clear error for a side the model cannot use
+        self.resolution = resolution
+
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) at ``resolution`` px (None: ``default_resolution``); h = w = res / vae."""
         res = resolution or self.default_resolution
         mult = self.vae_scale_factor * int(self.transformer.config.patch_size)
-        if res % mult:
-            raise UserError(f"resolution {res} must be a multiple of {mult} for this model")
+        if res < mult or res % mult:
+            raise UserError(
+                f"resolution {res} must be a positive multiple of {mult} for this model "
+                f"(VAE scale {self.vae_scale_factor} x patch {self.transformer.config.patch_size}); "
+                "fix model.resolution"
+            )
         side = res // self.vae_scale_factor
         return (int(self.transformer.config.in_channels), side, side)
 

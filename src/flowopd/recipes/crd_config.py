@@ -301,6 +301,7 @@ class CRDConfig:
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already)."""
         self._layout()._check_rewards()
+        self.eval.resolved_benchmarks(self.data.test)
         defaults = {"train": CRDTrainConfig(), "sample": CRDSampleConfig()}
         for section, name in _GRPO_ONLY:
             value = getattr(getattr(self, section), name)

@@ -36,6 +36,7 @@ __all__ = [
     "OutputConfig",
     "GRPOConfig",
     "SD3_LORA_TARGETS",
+    "check_benchmarks",
 ]
 
 # Flow-GRPO's targets: the joint attention's image-stream q/k/v/out and text (context)
@@ -343,6 +344,12 @@ class SampleConfig:
     prompts_per_epoch: int = _help("Distinct prompts per epoch, over all processes.", 48)
     batch_size: int = _help("Sampling micro-batch (images) per process.", 24)
 
+    def _ode_allowed(self) -> bool:
+        """True when this section's kind accepts 'ode' (CRD's; GRPO needs a stochastic step)."""
+        import typing
+
+        return "ode" in typing.get_args(typing.get_type_hints(type(self))["kind"])
+
     def validate(self) -> None:
         if self.num_steps < 1 or self.eval_num_steps < 1:
             raise UserError("sample.num_steps and sample.eval_num_steps must be >= 1")
@@ -365,6 +372,17 @@ class SampleConfig:
                     "> 0): with a shared x_T a deterministic sampler gives identical images "
                     "per group"
                 )
+        if self.kind != "ode" and self.noise_level == 0:
+            raise UserError(
+                f"sample.noise_level=0 makes the '{self.kind}' sampler deterministic: its steps "
+                "have std 0 and no log-probability to train on; set sample.noise_level > 0 "
+                "(the paper: 0.7)" + (" or sample.kind=ode" if self._ode_allowed() else "")
+            )
+        if self.kind == "cps" and self.noise_level > 1:
+            raise UserError(
+                f"sample.noise_level={self.noise_level} with sample.kind=cps: CPS's std is "
+                "sigma_next sin(a pi / 2), so a must lie in (0, 1]; lower it"
+            )
         if self.antithetic and self.group_size % 2:
             raise UserError(
                 f"sample.antithetic=true pairs the images of a group: sample.group_size must "
@@ -477,6 +495,8 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.seed < 0:
+            raise UserError(f"train.seed must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -510,6 +530,50 @@ class EvalConfig:
             raise UserError(
                 f"eval.images_per_prompt must be >= 1 (or null), got {self.images_per_prompt}"
             )
+
+    def resolved_benchmarks(self, test: str = "") -> list[str]:
+        """``eval.benchmarks`` with each real benchmark given by name alone scored on
+        ``data.test`` (``geneval`` -> ``geneval=<data.test>``); checked with
+        :func:`check_benchmarks`."""
+        return check_benchmarks(self.benchmarks, test)
+
+
+def check_benchmarks(
+    benchmarks: list[str], test: str = "", key: str = "eval.benchmarks"
+) -> list[str]:
+    """The benchmark names with their prompt files, or a UserError naming the fix.
+
+    A real benchmark given by name alone (``geneval``, ``ocr``) reads ``test`` (the run's
+    ``data.test``); ``name=PATH`` reads PATH. Every name must be known and every prompt file
+    must exist; the files' contents are read by ``flowopd check`` and before training.
+    """
+    if not benchmarks:
+        return []
+    from flowopd.eval.benchmarks import TOY_BENCHMARKS, parse_benchmarks  # lazy: imports torch
+
+    named = []
+    for name in benchmarks:
+        name = name.strip()
+        if name and "=" not in name and name not in TOY_BENCHMARKS and test:
+            name = f"{name}={test}"
+        named.append(name)
+    try:
+        names = parse_benchmarks(named)
+    except UserError as e:
+        hint = (
+            "; or set data.test=PATH to score it on the test prompts"
+            if "needs its prompt" in str(e)
+            else ""
+        )
+        raise UserError(f"{key}: {e}{hint}") from None
+    for name in names:
+        base, _, path = name.partition("=")
+        if path and not Path(path).expanduser().is_file():
+            raise UserError(
+                f"{key}: the prompt file of benchmark '{base}' ('{path}') not found; "
+                f"fix the path (data.test=PATH or {base}=PATH)"
+            )
+    return names
 
 
 @dataclass
@@ -601,6 +665,13 @@ class GRPOConfig:
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already; see validate_config)."""
         self._check_rewards()
+        self.eval.resolved_benchmarks(self.data.test)
+        if self.sample.kind == "cps" and self.train.kl_form == "exact" and self.train.beta_kl:
+            raise UserError(
+                "train.kl_form=exact is the KL of the Flow-GRPO SDE step (transition std "
+                "sigma_t sqrt(-dt)); a CPS step's std carries no dt, so its KL is the 'public' "
+                "form: set train.kl_form=public with sample.kind=cps"
+            )
         if not self.sample.sde_window_size and self.trained_steps < 1:
             raise UserError(
                 f"train.timestep_fraction={self.train.timestep_fraction} trains "

@@ -57,6 +57,20 @@ class PipelineEval:
     batch_size: int = _help("Evaluation batch.", 60)
     seed: int = _help("Noise seed of the evaluation.", 0)
 
+    def validate(self) -> None:
+        from flowopd.recipes.grpo_config import check_benchmarks
+
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n is not None and self.n < 1:
+            raise UserError(f"eval.n must be >= 1 (or null), got {self.n}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise UserError(
+                f"eval.guidance_scale must be >= 0 (or null), got {self.guidance_scale}"
+            )
+        check_benchmarks(self.benchmarks, key="eval.benchmarks")
+
 
 @dataclass
 class PipelineConfig:

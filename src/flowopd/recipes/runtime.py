@@ -61,6 +61,8 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
             # memory/speed options (getattr: configs of other recipes may lack them)
             **{k: getattr(cfg.model, k) for k in SPEED_OPTIONS if getattr(cfg.model, k, False)},
         )
+    # sampling, training and evaluation all run at model.resolution (None: the native side)
+    model.set_resolution(cfg.model.resolution)
     if adapter is not None:
         torch.manual_seed(cfg.train.seed)  # the LoRA A init is random: same on every process
         lora = cfg.model.lora
@@ -132,7 +134,7 @@ def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float
     was_training = run.model.transformer.training
     run.model.transformer.eval()
     with ema.swapped(params) if ema is not None else nullcontext():
-        res = evaluate(run.model, cfg.eval.benchmarks, settings)
+        res = evaluate(run.model, cfg.eval.resolved_benchmarks(cfg.data.test), settings)
     run.model.transformer.train(was_training)
     if run.main:
         write_json(run.out / "eval" / "metrics.json", res.metrics)

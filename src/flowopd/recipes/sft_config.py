@@ -142,6 +142,7 @@ class SFTConfig:
         return self.prompts_per_process(world_size) * self.sample.images_per_prompt
 
     def validate(self) -> None:
+        self.eval.resolved_benchmarks(self.data.test)
         self.check_distributed(1)
 
     def check_distributed(self, world_size: int) -> None:
