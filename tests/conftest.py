@@ -42,7 +42,7 @@ def tiny_model(tiny_pipe):
     return SD3Model(copy.deepcopy(tiny_pipe), max_sequence_length=8)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"
     if not path.is_dir():

@@ -23,6 +23,7 @@ the section is expected fills that one field (``reward: ocr`` == ``reward: {name
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -355,10 +356,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             number = float(value)
         elif isinstance(value, str):
             # PyYAML (YAML 1.1) reads '1e-4' as a string: accept every float spelling.
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value.strip())
-            except ValueError:
-                pass
         if number is None:
             raise _type_error(key, "a number", value, where)
         if not math.isfinite(number):

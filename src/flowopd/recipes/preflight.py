@@ -99,7 +99,9 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
     try:
         arch, shape = perf.load_architecture(path)
     except (OSError, ValueError, KeyError) as e:  # a malformed config.json
-        raise UserError(f"model.path '{m.path}': unreadable model config ({e}); fix the directory")
+        raise UserError(
+            f"model.path '{m.path}': unreadable model config ({e}); fix the directory"
+        ) from None
     except UserError as e:
         if local.is_dir():
             raise
