@@ -29,12 +29,19 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: ...; see flowopd CMD --help``), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="flowopd",
         description="Post-train flow-matching text-to-image models: Flow-GRPO, Flow-OPD, CRD.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
     return parser

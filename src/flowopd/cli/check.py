@@ -15,6 +15,7 @@ import argparse
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
     from flowopd.cli.train import add_run_args
     from flowopd.perf import DEVICES
 
@@ -24,12 +25,19 @@ def register(sub) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     add_run_args(p)
-    p.add_argument("--gpus", type=int, default=1, help="processes (one per GPU) to check for")
+    p.add_argument(
+        "--gpus", type=number(int, 1), default=1, help="processes (one per GPU) to check for"
+    )
     p.add_argument(
         "--gpu", default="h100", choices=[*DEVICES, "cpu"],
         help="device kind of the estimate (cpu: a GEMM measured now)",
     )  # fmt: skip
-    p.add_argument("--mfu", type=float, default=None, help="assumed MFU of the estimate")
+    p.add_argument(
+        "--mfu",
+        type=number(float, 0, 1, lo_open=True),
+        default=None,
+        help="assumed MFU of the estimate",
+    )
     p.add_argument("--no-estimate", action="store_true", help="skip the memory/time estimate")
     p.set_defaults(handler=run)
 

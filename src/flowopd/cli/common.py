@@ -8,6 +8,45 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def number(
+    kind: type = int,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number in [lo, hi] ((lo, hi] with ``lo_open``).
+
+    ``number(int, 1)`` accepts 1, 2, ...; ``number(float, 0, 1, lo_open=True)`` accepts
+    (0, 1]. NaN and +-inf are refused, as are values outside the range: argparse then
+    reports ``argument --steps: must be an integer >= 1, got '0'`` in one line.
+    """
+    import math
+
+    noun = "an integer" if kind is int else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"<= {hi:g}")
+    want = f"{noun} {' and '.join(bounds)}".strip()
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'") from None
+        bad = not math.isfinite(value)
+        bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+        bad = bad or (hi is not None and value > hi)
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'")
+        return value
+
+    parse.__name__ = want  # argparse names the type in its own messages
+    return parse
+
+
 def run_script(main: Callable[[], int]) -> None:
     """Exit with ``main()``'s code; a ``UserError`` (bad path or option) exits with its one
     line, no traceback, as the ``flowopd`` command does."""

@@ -13,6 +13,7 @@ import argparse
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
     from flowopd.perf import DEFAULT_MFU, DEVICES, GPU_MFU
 
     kinds = [*DEVICES, "cpu"]
@@ -27,9 +28,11 @@ def register(sub) -> None:
         "--gpu", default="h100", choices=kinds,
         help="device kind: peak TFLOP/s and memory from the datasheet; cpu: a GEMM measured now",
     )  # fmt: skip
-    p.add_argument("--gpus", type=int, default=1, help="number of processes (one per GPU)")
     p.add_argument(
-        "--mfu", type=float, default=None,
+        "--gpus", type=number(int, 1), default=1, help="number of processes (one per GPU)"
+    )
+    p.add_argument(
+        "--mfu", type=number(float, 0, 1, lo_open=True), default=None,
         help=f"assumed achieved fraction of the peak (default: {GPU_MFU} on a GPU, as "
         f"measured on an H100; {DEFAULT_MFU} of the measured GEMM rate on cpu)",
     )  # fmt: skip

@@ -6,12 +6,14 @@ import argparse
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
+
     p = sub.add_parser(
         "merge", help="merge teacher LoRAs into a student cold start (ab_mean or exact delta)"
     )
     p.add_argument("--teachers", nargs="+", required=True, help="teacher LoRA dirs")
     p.add_argument(
-        "--weights", nargs="+", type=float, default=None,
+        "--weights", nargs="+", type=number(float, 0), default=None,
         help="one weight per teacher (normalised to sum 1; default equal)",
     )  # fmt: skip
     p.add_argument(
@@ -20,7 +22,7 @@ def register(sub) -> None:
         "average B@A exactly and re-factorise by truncated SVD (default ab_mean)",
     )  # fmt: skip
     p.add_argument(
-        "--rank", type=int, default=None,
+        "--rank", type=number(int, 1), default=None,
         help="output rank of --method delta (default: the teachers' rank; exact when >= "
         "the sum of their ranks)",
     )  # fmt: skip

@@ -6,38 +6,51 @@ import argparse
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
+
     p = sub.add_parser(
         "pretrain", help="pretrain the embedded SD3-architecture model on the synthetic world"
     )
     p.add_argument("--out", required=True, help="output pipeline directory")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6000)")
     p.add_argument(
-        "--minutes", type=float, default=None, help="wall-time cap in minutes (default 60)"
+        "--steps", type=number(int, 1), default=None, help="optimizer steps (default 6000)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument(
-        "--save-every", type=int, default=None, help="also save snapshots OUT-stepN every N steps"
+        "--minutes",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        help="wall-time cap in minutes (default 60)",
+    )
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--batch-size", type=number(int, 1), default=None)
+    p.add_argument("--lr", type=number(float, 0, lo_open=True), default=None)
+    p.add_argument(
+        "--save-every",
+        type=number(int, 1),
+        default=None,
+        help="also save snapshots OUT-stepN every N steps",
     )
     p.add_argument(
         "--init", default=None, help="continue from a saved embedded model (curriculum stage)"
     )
     p.add_argument(
         "--ocr-fraction",
-        type=float,
+        type=number(float, 0, 1),
         default=None,
         help="share of OCR prompts per batch (default 0.3)",
     )
-    p.add_argument("--warmup", type=int, default=None, help="lr warm-up steps (default 200)")
+    p.add_argument(
+        "--warmup", type=number(int, 0), default=None, help="lr warm-up steps (default 200)"
+    )
     p.add_argument("--caption-noise", default=None, metavar="KIND=P,...",
                    help="caption-noise rates, e.g. counting=0.6,ocr=0.5 (unnamed kinds keep their "
                         "default); 'none' for clean captions (flowopd.world.noise)")  # fmt: skip
-    p.add_argument("--num-layers", type=int, default=None,
+    p.add_argument("--num-layers", type=number(int, 1), default=None,
                    help="MMDiT layers of a new model (default: the embedded architecture's 4)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    p.add_argument("--workers", type=int, default=0, help="data-rendering processes (default 0)")
-    p.add_argument("--guidance", dest="guidance_scale", type=float, default=None,
+    p.add_argument("--workers", type=number(int, 0), default=0,
+                   help="data-rendering processes (default 0)")  # fmt: skip
+    p.add_argument("--guidance", dest="guidance_scale", type=number(float, 0), default=None,
                    help="CFG scale saved as the model's default for sampling (default 3.0)")  # fmt: skip
     p.set_defaults(handler=run)
 

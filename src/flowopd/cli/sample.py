@@ -10,6 +10,8 @@ from flowopd.cli.common import add_model_args, load_model_from_args, save_png
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
+
     p = sub.add_parser("sample", help="sample images to PNG files")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -19,14 +21,14 @@ def register(sub) -> None:
         default=[],
         help="LoRA dir (diffusers format); repeatable, weights summed",
     )
-    p.add_argument("--steps", type=int, default=40, help="sampling steps (default 40)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--steps", type=number(int, 1), default=40, help="sampling steps (default 40)")
+    p.add_argument("--guidance", type=number(float, 0), default=None,
                    help="CFG scale (default: the model's own, from its flowopd.json; else 4.5)")  # fmt: skip
     p.add_argument("--kind", default="ode", choices=["ode", "sde", "cps"])
-    p.add_argument("--noise-level", type=float, default=0.7)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--noise-level", type=number(float, 0), default=0.7)
+    p.add_argument("--n", type=number(int, 1), default=1, help="images per prompt")
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--resolution", type=number(int, 8), default=None)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(handler=run)
 

@@ -15,6 +15,8 @@ import sys
 
 
 def register(sub) -> None:
+    from flowopd.cli.common import number
+
     p = sub.add_parser(
         "serve-reward",
         help="serve a registered reward over HTTP (JSON + base64 PNG)",
@@ -22,15 +24,25 @@ def register(sub) -> None:
     )
     p.add_argument("name", metavar="NAME", help="registered reward name (e.g. ocr, pickscore)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=18085, help="port (default 18085; 0 = any free)")
+    p.add_argument(
+        "--port",
+        type=number(int, 0, 65535),
+        default=18085,
+        help="port (default 18085; 0 = any free)",
+    )
     p.add_argument(
         "--token",
         default=None,
         help="require 'Authorization: Bearer TOKEN' (default: $FLOWOPD_REWARD_TOKEN if set)",
     )
-    p.add_argument("--max-batch", type=int, default=64, help="most images per request (64)")
     p.add_argument(
-        "--max-bytes", type=int, default=64 * 2**20, help="largest request body in bytes (64 MiB)"
+        "--max-batch", type=number(int, 1), default=64, help="most images per request (64)"
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=number(int, 1),
+        default=64 * 2**20,
+        help="largest request body in bytes (64 MiB)",
     )
     p.add_argument(
         "--max-pixels",

@@ -13,6 +13,8 @@ from flowopd.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from flowopd.cli.common import number
+
     p = subparsers.add_parser("world", help="prompts and ground-truth renders of the toy world")
     sub = p.add_subparsers(dest="world_command", metavar="ACTION")
     p.set_defaults(handler=lambda args: _usage(p))
@@ -20,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("prompts", help="write prompt records (JSONL) for a task and split")
     pp.add_argument("--task", required=True, help="geneval | ocr")
     pp.add_argument("--split", default="train", help="train | test (disjoint where possible)")
-    pp.add_argument("--n", type=int, required=True, help="number of records")
-    pp.add_argument("--seed", type=int, default=0, help="sampling seed (the split is fixed)")
+    pp.add_argument("--n", type=number(int, 1), required=True, help="number of records")
+    pp.add_argument(
+        "--seed", type=number(int, 0), default=0, help="sampling seed (the split is fixed)"
+    )
     pp.add_argument("--tags", default=None, help="comma-separated GenEval tags (default: all six)")
     pp.add_argument("--out", default=None, help="output .jsonl file (default: stdout)")
     pp.set_defaults(handler=_prompts)
@@ -29,9 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("render", help="render ground-truth images of a prompt file to PNGs")
     pr.add_argument("--prompts", required=True, help="JSONL prompt file (from `world prompts`)")
     pr.add_argument("--out", required=True, help="output folder: 00000.png ... and grid.png")
-    pr.add_argument("--n", type=int, default=None, help="render only the first N records")
-    pr.add_argument("--seed", type=int, default=0, help="layout seed")
-    pr.add_argument("--scale", type=int, default=4, help="upscaling of grid.png (nearest)")
+    pr.add_argument(
+        "--n", type=number(int, 1), default=None, help="render only the first N records"
+    )
+    pr.add_argument("--seed", type=number(int, 0), default=0, help="layout seed")
+    pr.add_argument(
+        "--scale", type=number(int, 1, 64), default=4, help="upscaling of grid.png (nearest)"
+    )
     pr.set_defaults(handler=_render)
 
 

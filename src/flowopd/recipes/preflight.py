@@ -293,7 +293,13 @@ def _check_scorer(plan: RunPlan, name: str, opts: dict, where: str) -> str:
         from flowopd.rewards.base import available_rewards
 
         raise unknown("reward", name, available_rewards())
-    params = inspect.signature(factory).parameters
+    params = dict(inspect.signature(factory).parameters)
+    if name == "geneval":  # the rest of its options go to the transformers detector
+        from flowopd.rewards.geneval import TransformersDetector
+
+        params.pop("detector_options")
+        extra = inspect.signature(TransformersDetector.__init__).parameters
+        params.update({k: v for k, v in extra.items() if k not in ("self", "model")})
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key in opts:
         if key not in params and not open_kwargs:
