@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     batch = args.batch or size["batch"]
     iters = args.iters or size["iters"]
-    res = size["resolution"]
+    res = resolution_of(args, size["resolution"])
     n_img = perf.image_tokens(arch, res, VAE_SCALE)
     n_txt = size["clip"] + size["t5"]
     side = res // VAE_SCALE
@@ -272,6 +272,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def resolution_of(args: argparse.Namespace, default: int) -> int:
+    """Image side: --resolution, else the --config's model.resolution, else the size's.
+
+    Latents are resolution / 8 per side (SD3's VAE), in whole patches of the size's arch.
+    """
+    from flowopd.errors import UserError
+
+    res = args.resolution
+    if res is None and args.config:
+        from flowopd.cli.train import ALGOS, _load
+        from flowopd.config import load_config
+
+        cfg = load_config(_load(ALGOS[args.algo][0]), args.config, validate=False)
+        res = cfg.model.resolution
+    res = res or default
+    mult = VAE_SCALE * SIZES[args.size]["arch"].patch_size
+    if res < mult or res % mult:
+        raise UserError(f"resolution {res} must be a positive multiple of {mult}")
+    return res
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="full")
@@ -284,6 +305,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed iterations per phase")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument(
+        "--resolution", type=int, default=None,
+        help="image side in px (default: --config's model.resolution, else the size's: "
+        "512 full, 256 medium, 64 tiny)",
+    )  # fmt: skip
+    p.add_argument("--config", default=None, help="training YAML whose model.resolution to use")
+    p.add_argument("--algo", default="grpo", help="recipe of --config (default: grpo)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--adamw-8bit", action="store_true", help="bitsandbytes AdamW8bit if present")

@@ -103,3 +103,17 @@ def test_cfg_train_time_bench_runs_and_split_keeps_the_gradient(capsys):
     assert all(t > 0 for t in r["cpu_median_s"].values())
     assert r["split_vs_cond_grad_rel_diff"] < 1e-5  # float round-off, not another gradient
     assert "split vs cond gradient" in capsys.readouterr().out
+
+
+def test_full_size_bench_takes_the_config_resolution(tmp_path):
+    bench = _bench_module()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model:\n  resolution: 32\n")
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "tiny", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                "--config", str(cfg), "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    # 32 px / VAE 8 = 4 latents per side / patch 2 = 2 -> 4 image tokens (64 px: 16)
+    assert r["resolution"] == 32 and r["image_tokens"] == 4
+    args = bench.parse_args(["--size", "full", "--config", str(cfg), "--resolution", "512"])
+    assert bench.resolution_of(args, 1024) == 512  # --resolution wins over the config

@@ -146,6 +146,8 @@ class TinySD3Config:
     t5: bool = True  # include a tiny T5 encoder (SD3's third text encoder)
     t5_max_length: int = 8
     vae: bool = True  # a tiny AutoencoderKL (x2 down-sampling); False = pixel space
+    vae_blocks: int = 2  # VAE down-sampling blocks: scale 2^(vae_blocks - 1) (SD3: 4 -> x8)
+    pos_embed_max_size: int | None = None  # None: max(sample_size / patch_size, 8)
     shift: float = 3.0
     words: tuple[str, ...] = field(default_factory=lambda: DEFAULT_WORDS)
 
@@ -178,7 +180,7 @@ def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
         joint_attention_dim=joint,
         caption_projection_dim=cfg.attention_head_dim * cfg.num_attention_heads,
         pooled_projection_dim=joint,
-        pos_embed_max_size=max(cfg.sample_size // cfg.patch_size, 8),
+        pos_embed_max_size=cfg.pos_embed_max_size or max(cfg.sample_size // cfg.patch_size, 8),
         dual_attention_layers=tuple(cfg.dual_attention_layers),
         qk_norm=cfg.qk_norm,
     )
@@ -226,13 +228,13 @@ def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * cfg.vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * cfg.vae_blocks,
+            block_out_channels=(8,) * cfg.vae_blocks,
             latent_channels=cfg.in_channels,
             layers_per_block=1,
             norm_num_groups=4,
-            sample_size=cfg.sample_size * 2,
+            sample_size=cfg.sample_size * 2 ** (cfg.vae_blocks - 1),
             shift_factor=0.0609,
             scaling_factor=1.5035,
         ).eval()
