@@ -148,13 +148,12 @@ class ModelConfig:
                 "missing model path: set model.path=DIR (a diffusers pipeline directory) "
                 "or a hub id like model.path=stabilityai/stable-diffusion-3.5-medium"
             )
+        local = Path(self.path).expanduser()
         if self.path == "embedded":  # the shipped base model
             from flowopd.paths import default_model
 
             default_model()  # a clear error when this install lacks it
-            return
-        local = Path(self.path).expanduser()
-        if local.exists():
+        elif local.exists():
             if not local.is_dir():
                 raise UserError(
                     f"model.path '{self.path}' is a file; pass the pipeline directory "
@@ -390,6 +389,12 @@ class SampleConfig:
             )
         if self.sde_window_size < 0:
             raise UserError("sample.sde_window_size must be >= 0 (0 = off)")
+        lo, hi = self.sde_window_range
+        if not 0 <= lo < hi:
+            raise UserError(
+                f"sample.sde_window_range {list(self.sde_window_range)} must satisfy "
+                "0 <= start < end"
+            )
         if self.sde_window_size:
             lo, hi = self.sde_window_range
             if not 0 <= lo < hi <= self.num_steps:
@@ -476,9 +481,14 @@ class TrainConfig:
         for name in ("lr", "clip_range"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "beta_kl", "adv_clip"):
+        for name in ("weight_decay", "max_grad_norm", "beta_kl"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.adv_clip <= 0:
+            raise UserError(
+                f"train.adv_clip must be > 0 (advantages are clipped to +-adv_clip; 0 zeroes "
+                f"every one), got {self.adv_clip}"
+            )
         if not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
         for name in ("inner_epochs", "optimizer_steps_per_epoch", "ema_every", "max_nonfinite"):

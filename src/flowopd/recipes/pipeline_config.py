@@ -63,6 +63,8 @@ class PipelineEval:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise UserError(f"eval.seed must be >= 0, got {self.seed}")
         if self.n is not None and self.n < 1:
             raise UserError(f"eval.n must be >= 1 (or null), got {self.n}")
         if self.guidance_scale is not None and self.guidance_scale < 0:
@@ -97,6 +99,10 @@ class PipelineConfig:
     eval: PipelineEval = _help("Evaluation of every model.", factory=PipelineEval)
 
     def validate(self) -> None:
+        if self.seed < 0 or any(s < 0 for s in self.seeds):
+            raise UserError(f"seed and seeds must be >= 0, got {self.seed} and {self.seeds}")
+        if self.demo_eval_n < 1:
+            raise UserError(f"demo_eval_n must be >= 1, got {self.demo_eval_n}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds repeat a value: {self.seeds}; give each seed once")
         if not self.teachers:

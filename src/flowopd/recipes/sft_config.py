@@ -114,6 +114,10 @@ class SFTTrainConfig:
             raise UserError(f"train.sigma_shift must be > 0, got {self.sigma_shift}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
+        if self.seed < 0:
+            raise UserError(f"train.seed must be >= 0, got {self.seed}")
 
 
 @dataclass
