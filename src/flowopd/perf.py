@@ -152,11 +152,35 @@ def _safetensors_params(folder: Path) -> int:
     (8-byte little-endian length, then {name: {dtype, shape, ...}}); no tensor is read."""
     n = 0
     for f in sorted(folder.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        try:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if size > f.stat().st_size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(size))
+            n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            from flowopd.errors import UserError
+
+            raise UserError(
+                f"'{f}' is not a readable safetensors file ({e}); re-download or re-save the model"
+            ) from None
     return n
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model directory; a broken file is a one-line UserError."""
+    from flowopd.errors import UserError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"'{path}' is not valid JSON ({e}); re-download or re-save the model"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' must hold a JSON object; re-download or re-save the model")
+    return data
 
 
 def load_architecture(
@@ -174,21 +198,22 @@ def load_architecture(
             raise UserError(
                 f"'{path}' has no transformer/config.json; pass a diffusers SD3 pipeline directory"
             )
-        arch = MMDiTArch.from_config(json.loads(tcfg.read_text()))
+        try:
+            arch = MMDiTArch.from_config(_read_json(tcfg))
+        except TypeError as e:  # a required field (num_layers, ...) is missing
+            raise UserError(
+                f"'{tcfg}' is not an SD3 transformer config ({e}); pass an SD3/SD3.5 pipeline"
+            ) from None
         clip = 77
         tok = local / "tokenizer" / "tokenizer_config.json"
         if tok.is_file():
-            clip = int(json.loads(tok.read_text()).get("model_max_length", 77))
+            clip = int(_read_json(tok).get("model_max_length", 77))
         meta = local / "flowopd.json"
         msl = max_sequence_length
         if msl is None:
-            msl = (
-                int(json.loads(meta.read_text()).get("max_sequence_length", 256))
-                if meta.is_file()
-                else 256
-            )
+            msl = int(_read_json(meta).get("max_sequence_length", 256)) if meta.is_file() else 256
         vae_cfg_path = local / "vae" / "config.json"
-        vae_cfg = json.loads(vae_cfg_path.read_text()) if vae_cfg_path.is_file() else None
+        vae_cfg = _read_json(vae_cfg_path) if vae_cfg_path.is_file() else None
         scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 1
         te = sum(_safetensors_params(local / f"text_encoder{s}") for s in ("", "_2", "_3"))
         vae = _safetensors_params(local / "vae") if vae_cfg else 0

@@ -252,3 +252,43 @@ def test_numeric_cli_options_are_range_checked(capsys, argv, needle):
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_unreadable_files_across_commands_are_one_line(tmp_path, capsys, tiny_pixel_dir):
+    bad_lora = tmp_path / "bad_lora"
+    bad_lora.mkdir()
+    (bad_lora / "pytorch_lora_weights.safetensors").write_bytes(b"\x93" * 100)
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x01 binary")
+    model = tmp_path / "broken_model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "transformer" / "config.json").write_text("{not json")
+    cases = [
+        (["sample", "--model", str(tiny_pixel_dir), "--prompt", "a", "--steps", "1",
+          "--lora", str(bad_lora), "--out", str(tmp_path / "s")], "is not a readable safetensors"),
+        (["merge", "--teachers", str(bad_lora), str(bad_lora), "--out", str(tmp_path / "m")],
+         "is not a readable safetensors"),
+        (["eval", "--model", str(tiny_pixel_dir), "--benchmark", f"ocr={binary}", "--n", "1",
+          "--steps", "1", "--out", str(tmp_path / "e")], "is not UTF-8 text"),
+        (["eval", "--model", str(tiny_pixel_dir), "--benchmark", f"geneval={binary}", "--n", "1",
+          "--steps", "1", "--out", str(tmp_path / "e")], "is not UTF-8 text"),
+        (["estimate", "--config", str(SD35M / "grpo_ocr.yaml"), f"model.path={model}"],
+         "config.json' is not valid JSON"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        err = _one_line_error(capsys, argv)
+        assert needle in err, (argv[0], err)
+
+
+def test_train_runs_the_check_before_loading_anything(real_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    broken = tmp_path / "broken_test.jsonl"
+    broken.write_text("{oops\n")
+    argv = ["train", "grpo", "--config", str(SD35M / "grpo_geneval.yaml"),
+            f"data.train={real_files['train']}", f"data.test={broken}", f"output.dir={out}"]  # fmt: skip
+    t0 = time.perf_counter()
+    err = _one_line_error(capsys, argv)
+    assert "broken_test.jsonl:1" in err and "invalid JSON" in err
+    assert time.perf_counter() - t0 < 20  # no model loads, no epoch runs
+    assert not out.exists()  # nothing written

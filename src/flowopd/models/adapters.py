@@ -5,9 +5,11 @@ Backends call these on their trainable network; nothing here knows about diffuse
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -109,3 +111,29 @@ def copy_adapter(module: nn.Module, src: str, dst: str) -> None:
         for table in (layer.lora_A, layer.lora_B):
             if src in table and dst in table:
                 table[dst].weight.copy_(table[src].weight)
+
+
+def read_safetensors_header(file: str | os.PathLike, what: str = "LoRA") -> dict:
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, plus
+    ``__metadata__``), read without loading a tensor: 8 bytes little-endian length, then
+    the header. A file that is not safetensors is a one-line ``UserError`` naming it."""
+    import json
+
+    from flowopd.errors import UserError
+
+    f = Path(file)
+    try:
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{what} '{f}' is not a readable safetensors file ({e}); re-export it "
+            "(a GRPO run's OUT/lora, or `flowopd merge --out DIR`)"
+        ) from None
+    return header

@@ -49,6 +49,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object of a pipeline directory; a broken file is a one-line UserError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"'{path}' is not valid JSON ({e}); re-save the model directory") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' must hold a JSON object; re-save the model directory")
+    return data
+
+
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~"))
@@ -171,13 +182,13 @@ class SD3Model:
                     f"model '{path}' is not a diffusers pipeline directory (no model_index.json); "
                     "pass a directory saved with save_pretrained or a hub id like org/name"
                 )
-            components = json.loads(index.read_text())
+            components = _read_json(index)
             # components saved as null must be passed as None again to reload
             for key, value in components.items():
                 if isinstance(value, list) and value[0] is None:
                     kwargs[key] = None
             if (local / FLOWOPD_META).is_file():
-                meta = json.loads((local / FLOWOPD_META).read_text())
+                meta = _read_json(local / FLOWOPD_META)
             source = str(local)
         elif _looks_like_hub_id(path):
             source = path
@@ -491,9 +502,10 @@ class SD3Model:
             )
         if name in self.adapter_names:
             raise UserError(f"adapter '{name}' already exists")
+        ad.read_safetensors_header(p if p.is_file() else p / LORA_WEIGHTS)
         try:
             self.pipe.load_lora_weights(str(p), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"could not load LoRA '{path}': {str(e).splitlines()[0]}") from None
         for prm in ad.adapter_parameters(self.transformer, name):
             prm.data = prm.data.float().to(self.device)

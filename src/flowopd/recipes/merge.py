@@ -179,7 +179,10 @@ def read_lora(path: str | Path) -> LoraFile:
     """Read a diffusers-format LoRA directory (or its safetensors file)."""
     from safetensors import safe_open
 
+    from flowopd.models.adapters import read_safetensors_header
+
     f = _weights_file(path)
+    read_safetensors_header(f)  # a one-line error for a file that is not safetensors
     with safe_open(str(f), framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,25 +410,13 @@ def _plan_eval(plan: RunPlan, cfg: Any) -> None:
 def check_lora_header(path: str, key: str) -> int:
     """Tensors in a LoRA's safetensors file, read from its JSON header (no tensor loaded);
     a one-line ``UserError`` naming the file when it is not a readable safetensors file."""
+    from flowopd.models.adapters import read_safetensors_header
     from flowopd.recipes.opd_config import LORA_WEIGHTS, check_lora_path
 
     check_lora_path(path, key)
     p = Path(path).expanduser()
     f = p if p.is_file() else p / LORA_WEIGHTS
-    size = f.stat().st_size
-    try:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= size - 8:
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a mapping")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{key}: '{f}' is not a readable safetensors file ({e}); re-export the LoRA "
-            "(a GRPO run's OUT/lora, or `flowopd merge --out DIR`)"
-        ) from None
+    header = read_safetensors_header(f, key)
     tensors = [k for k in header if k != "__metadata__"]
     if not tensors:
         raise UserError(f"{key}: '{f}' holds no tensors; re-export the LoRA")
