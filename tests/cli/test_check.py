@@ -205,7 +205,7 @@ def test_opd_preset_checks_its_teacher_adapters(real_files, tmp_path, capsys):
     (loras["o"] / "pytorch_lora_weights.safetensors").unlink()
     _lora(tmp_path / "o2")
     err = _one_line_error(capsys, [*ok, f"opd.teachers.1.path={tmp_path / 'o2'}"])
-    assert "prompt 1 has task 'drawing', which opd.teachers does not serve" in err
+    assert "no teacher for task 'drawing'" in err and "add a teacher with tasks: [drawing]" in err
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_unreadable_config_files_are_one_line(tmp_path, capsys, content, needle)
         (["merge", "--teachers", "a", "--rank", "0", "--out", "o"], "--rank: must be an integer >= 1"),
         (["pretrain", "--out", "o", "--lr", "0"], "--lr: must be a number > 0"),
         (["pretrain", "--out", "o", "--ocr-fraction", "2"], "--ocr-fraction: must be a number >= 0 and <= 1"),
-        (["world", "prompts", "--task", "ocr", "--n", "-1"], "--n: must be an integer >= 1"),
+        (["world", "render", "--prompts", "p.jsonl", "--out", "o", "--scale", "0"], "--scale: must be an integer >= 1 and <= 64"),
     ],
 )  # fmt: skip
 def test_numeric_cli_options_are_range_checked(capsys, argv, needle):

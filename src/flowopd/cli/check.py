@@ -60,7 +60,13 @@ def run(args: argparse.Namespace) -> int:
     plan = check_run(args.algo, cfg, args.gpus)
     print(f"flowopd check {args.algo}: the run can start")
     print(plan.format())
-    if not args.no_estimate and hasattr(cfg.sample, "group_size") and plan.latent_shape:
+    if args.no_estimate:
+        pass
+    elif not hasattr(cfg.sample, "group_size"):
+        print(f"estimate: not available for '{args.algo}' (flowopd estimate costs RL epochs)")
+    elif plan.latent_shape is None:
+        print("estimate: skipped, the model's architecture is unknown (see the warning)")
+    else:
         est = estimate_for(args.algo, cfg, args.gpu, args.gpus, args.mfu)
         print(f"estimate ({args.gpu}, flowopd estimate):")
         print("\n".join("  " + line for line in format_estimate(est).splitlines()))

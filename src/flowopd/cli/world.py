@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("prompts", help="write prompt records (JSONL) for a task and split")
     pp.add_argument("--task", required=True, help="geneval | ocr")
     pp.add_argument("--split", default="train", help="train | test (disjoint where possible)")
-    pp.add_argument("--n", type=number(int, 1), required=True, help="number of records")
+    pp.add_argument("--n", type=int, required=True, help="number of records")
     pp.add_argument(
         "--seed", type=number(int, 0), default=0, help="sampling seed (the split is fixed)"
     )

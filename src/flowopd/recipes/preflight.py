@@ -200,9 +200,9 @@ def _check_routing(cfg: Any, records: dict[str, list[dict]]) -> None:
     """Every prompt of an OPD / SFT run must have its teacher; routed rewards their task."""
     section = getattr(cfg, "opd", None) or getattr(cfg, "sft", None)
     if section is not None:
-        table = section.teacher_of()
-        name = "opd" if hasattr(cfg, "opd") else "sft"
-        _each_routed(records, section.routing_key, table, f"{name}.teachers")
+        from flowopd.recipes.teachers import check_tasks  # the recipes' own routing check
+
+        check_tasks(list(records.values()), section.teacher_of(), section.routing_key)
     reward = getattr(cfg, "reward", None)
     if reward is not None and reward.routing:
         _each_routed(records, "task", reward.routing, "reward.routing")
@@ -237,17 +237,15 @@ _WEIGHT_OPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def weights_status(path: str) -> str:
-    """'local' (an existing path), 'cached' (a hub id in this machine's Hugging Face
-    cache) or 'not in the local Hugging Face cache'."""
+    """'local' (an existing path), 'cached' (a hub id with a snapshot in this machine's
+    Hugging Face cache) or 'not in the local Hugging Face cache'."""
     if Path(path).expanduser().exists():
         return "local"
-    try:
-        from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants
 
-        cached = {r.repo_id for r in scan_cache_dir().repos}
-    except Exception:  # no cache directory yet, or an unreadable one
-        cached = set()
-    return "cached" if path in cached else "not in the local Hugging Face cache"
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + path.replace("/", "--")) / "snapshots"
+    cached = repo.is_dir() and any(repo.iterdir())
+    return "cached" if cached else "not in the local Hugging Face cache"
 
 
 def _factory(name: str):
