@@ -292,3 +292,24 @@ def test_train_runs_the_check_before_loading_anything(real_files, tmp_path, caps
     assert "broken_test.jsonl:1" in err and "invalid JSON" in err
     assert time.perf_counter() - t0 < 20  # no model loads, no epoch runs
     assert not out.exists()  # nothing written
+
+
+def test_check_sft_plan_on_a_local_model(tmp_path, capsys, tiny_pixel_dir):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"p{i}", "task": "ocr"}) + "\n"
+                             for i in range(8)))  # fmt: skip
+    lora = _lora(tmp_path / "teacher")
+    argv = ["check", "sft", f"model.path={tiny_pixel_dir}", f"data.train={train}",
+            f"sft.teachers=[{{path: {lora}, tasks: [ocr]}}]", "sample.num_prompts=8",
+            "sample.images_per_prompt=2", "train.batch_size=4", "train.epochs=3",
+            "model.resolution=32", "--gpus", "2"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    # pixel space (VAE scale 1), patch 4: 32 px -> 3 x 32 x 32 latents, (32 / 4)^2 = 64 tokens
+    assert "32 px (model.resolution) -> latents 3x32x32, 64 image tokens" in out
+    # 8 prompts x 2 images / 2 processes = 8 per process; 8 / 4 = 2 steps x 3 epochs
+    assert "8 prompts x 2 teacher images (8 per process, 2 process(es))" in out
+    assert "2 optimizer step(s) per epoch x 3 epochs = 6" in out
+    assert "teacher teacher_ocr" in out and "estimate: not available for 'sft'" in out
+    err = _one_line_error(capsys, [*argv[:-2], "--gpus", "3"])
+    assert "sample.num_prompts=8 must be divisible by the number of processes (3)" in err

@@ -43,6 +43,10 @@ def sd35m_world(tmp_path_factory, shared_data):
         "ocr": tiny.write_lines(
             data / "ocr_test.txt", (shared_data / "ocr/test.txt").read_text().splitlines()[:2]
         ),
+        "pickscore": tiny.write_lines(  # DrawBench prompts, one a line
+            data / "drawbench_test.txt",
+            (shared_data / "drawbench/test.txt").read_text().splitlines()[:2],
+        ),
     }
     clip = tiny.save_tiny_clip(root / "clip")
     options = {

@@ -396,7 +396,7 @@ def _plan_eval(plan: RunPlan, cfg: Any) -> None:
             path, key, lambda _p, n=name: benchmark_records(n, cfg.eval.num_prompts)
         )
         text = f"{len(recs)} prompts" + (f" from {path}" if path else "")
-        if base in ("geneval", "ocr"):
+        if not base.startswith("toy-") and _factory(base) is not None:  # a real scorer
             text += "; scorer " + _check_scorer(plan, base, options.get(base, {}), key)
         plan.add(f"benchmark {base}", text)
 
