@@ -94,6 +94,18 @@ def test_tiny_local_model_matches_the_hand_count(capsys, tmp_path):
     assert "GFLOP/s measured" in text
 
 
+def test_estimate_follows_model_resolution(capsys, tmp_path):
+    """model.resolution sets the estimate's sequence: SD3.5-M at 1024 px has (1024/8/2)^2 =
+    4096 image tokens, 4x the 1024 of 512 px; null means the native 1024 px."""
+    at512, _ = _estimate(capsys, tmp_path, "--config", SD35M)
+    at1024, _ = _estimate(capsys, tmp_path, "--config", SD35M, "model.resolution=1024")
+    native, _ = _estimate(capsys, tmp_path, "--config", SD35M, "model.resolution=null")
+    assert (at512["resolution"], at512["image_tokens"]) == (512, 1024)
+    assert (at1024["resolution"], at1024["image_tokens"]) == (1024, 4096)
+    assert native["image_tokens"] == 4096
+    assert at1024["flops"]["forward_per_row"] > 4 * at512["flops"]["forward_per_row"]
+
+
 def test_split_cfg_forward_halves_the_backward_rows(capsys, tmp_path):
     """model.cfg_forward=split with train.cfg_grad=cond: per trained row and step, one
     forward without autograd for v_u instead of a second forward + backward; activations
