@@ -294,6 +294,28 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType)
 
 
+def _coerce_float(value: Any, key: str, where: str) -> float:
+    """A finite float from a YAML number or any float spelling ('1e-4'); NaN / inf refused."""
+    if isinstance(value, bool):
+        raise _type_error(key, "a number", value, where)
+    number: float | None = None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        # PyYAML (YAML 1.1) reads '1e-4' as a string: accept every float spelling.
+        with contextlib.suppress(ValueError):
+            number = float(value.strip())
+    if number is None:
+        raise _type_error(key, "a number", value, where)
+    if not math.isfinite(number):
+        # no setting means anything at nan or +-inf; they only surface epochs later
+        raise UserError(
+            f"config key '{key}' must be a finite number, got {value!r}{_where(where)}; "
+            f"fix the value (e.g. {key}=0.5)"
+        )
+    return number
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (e.g. list -> tuple)."""
     if tp is Any:
@@ -349,24 +371,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 pass
         raise _type_error(key, "an integer", value, where)
     if tp is float:
-        if isinstance(value, bool):
-            raise _type_error(key, "a number", value, where)
-        number: float | None = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            # PyYAML (YAML 1.1) reads '1e-4' as a string: accept every float spelling.
-            with contextlib.suppress(ValueError):
-                number = float(value.strip())
-        if number is None:
-            raise _type_error(key, "a number", value, where)
-        if not math.isfinite(number):
-            # no setting means anything at nan or +-inf; they only surface epochs later
-            raise UserError(
-                f"config key '{key}' must be a finite number, got {value!r}{_where(where)}; "
-                f"fix the value (e.g. {key}=0.5)"
-            )
-        return number
+        return _coerce_float(value, key, where)
     if tp is str:
         if isinstance(value, str):
             return value
