@@ -117,7 +117,7 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
             f"{max(mult, res - res % mult)}"
         )
     side = res // shape.vae_scale
-    if side // arch.patch_size > arch.pos_embed_max_size:
+    if arch.pos_embed_max_size and side // arch.patch_size > arch.pos_embed_max_size:
         largest = arch.pos_embed_max_size * arch.patch_size * shape.vae_scale
         raise UserError(
             f"model.resolution={res} needs {side // arch.patch_size} patches per side, more "
