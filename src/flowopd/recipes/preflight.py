@@ -24,7 +24,7 @@ from typing import Any
 
 from flowopd.errors import UserError, closest
 
-__all__ = ["RunPlan", "check_run", "read_prompt_file", "check_lora_header", "weights_status"]
+__all__ = ["RunPlan", "check_run", "check_prompt_file", "check_lora_header", "weights_status"]
 
 
 @dataclass
@@ -142,30 +142,34 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
 # prompt files
 
 
-def read_prompt_file(path: str, key: str, reader: Any = None) -> list[dict]:
-    """Records of a prompt file through ``reader`` (the recipes' loader by default), with
-    one-line errors for files that are missing, binary, not UTF-8 or empty."""
-    if reader is None:
-        from flowopd.recipes.common import load_prompts as reader
+def check_prompt_file(path: str, key: str) -> None:
+    """One-line errors for a prompt file that is missing, a directory, binary or not UTF-8
+    (before a reader meets it); '' and ``world:TASK`` are generated in memory."""
+    if not path or path.startswith("world:"):
+        return
     p = Path(path).expanduser()
-    if path and not path.startswith("world:"):  # '' = generated in memory (toy benchmarks)
-        if not p.is_file():
-            raise UserError(f"{key}: prompt file '{path}' not found; fix the path")
-        with p.open("rb") as fh:
-            head = fh.read(4096)
-        if b"\x00" in head:
-            raise UserError(
-                f"{key}: '{path}' is a binary file, not a text prompt file; point {key} at "
-                "the prompts (JSONL, or one prompt a line)"
-            )
+    if p.is_dir():
+        raise UserError(f"{key}: '{path}' is a directory; give the prompt file")
+    if not p.is_file():
+        raise UserError(f"{key}: prompt file '{path}' not found; fix the path")
+    data = p.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise UserError(
+            f"{key}: '{path}' is a binary file, not a text prompt file; point {key} at "
+            "the prompts (JSONL, or one prompt a line)"
+        )
     try:
-        records = reader(path)
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
             f"{key}: '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"
         ) from None
-    except IsADirectoryError:
-        raise UserError(f"{key}: '{path}' is a directory; give the prompt file") from None
+
+
+def _records(key: str, path: str, read: Any) -> list[dict]:
+    """``read()`` after the file checks; an empty result is an error naming the file."""
+    check_prompt_file(path, key)
+    records = read()
     if not records:
         raise UserError(f"{key}: '{path}' holds no prompts; fill it or fix the path")
     return records
@@ -181,10 +185,17 @@ def _data_files(cfg: Any) -> list[tuple[str, str, str]]:
 
 def _plan_data(plan: RunPlan, cfg: Any) -> dict[str, list[dict]]:
     """Read every training prompt file; rows with counts and tasks. Returns {key: records}."""
+    from flowopd.recipes.common import load_datasets
+
+    files = _data_files(cfg)
+    for key, path, _ in files:
+        check_prompt_file(path, key)
+    loaded, _ = load_datasets(cfg.data)  # the recipes' own loader: the records a run trains on
     out: dict[str, list[dict]] = {}
     per_epoch = _get(cfg, "sample.prompts_per_epoch", None) or _get(cfg, "sample.num_prompts", 0)
-    for key, path, _ in _data_files(cfg):
-        recs = read_prompt_file(path, key)
+    for (key, path, _), recs in zip(files, loaded, strict=True):
+        if not recs:
+            raise UserError(f"{key}: '{path}' holds no prompts; fill it or fix the path")
         out[key] = recs
         tasks = sorted({str(r.get("task", "-")) for r in recs})
         plan.add(key, f"{path}: {len(recs)} prompts (tasks: {', '.join(tasks)})")
@@ -392,9 +403,7 @@ def _plan_eval(plan: RunPlan, cfg: Any) -> None:
     for name in names:
         base, _, path = name.partition("=")
         key = f"eval.benchmarks ({base})"
-        recs = read_prompt_file(
-            path, key, lambda _p, n=name: benchmark_records(n, cfg.eval.num_prompts)
-        )
+        recs = _records(key, path, lambda n=name: benchmark_records(n, cfg.eval.num_prompts))
         text = f"{len(recs)} prompts" + (f" from {path}" if path else "")
         if not base.startswith("toy-") and _factory(base) is not None:  # a real scorer
             text += "; scorer " + _check_scorer(plan, base, options.get(base, {}), key)
