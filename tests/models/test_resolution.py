@@ -46,7 +46,7 @@ def test_native_and_configured_latent_shapes(sd35m_shaped):
 
 def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     from flowopd.config import config_from_dict
-    from flowopd.eval.benchmarks import EvalSettings, generate
+    from flowopd.eval.benchmarks import EvalSettings, evaluate
     from flowopd.recipes.common import collect_rollouts
     from flowopd.recipes.grpo_config import GRPOConfig
     from flowopd.recipes.runtime import setup_run
@@ -74,6 +74,7 @@ def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     )  # fmt: skip
     assert ro.trajectory.latents.shape == (2, 2, 16, 64, 64)  # (B, T + 1, C, h, w)
     assert ro.images.shape == (2, 3, 512, 512)
-    images = generate(model, ["a red circle"], EvalSettings(steps=1, batch_size=1))
+    res = evaluate(model, ["toy-ocr"], EvalSettings(steps=1, n=1, batch_size=1))
+    images = res.images["toy-ocr"]
     assert images.shape == (1, 3, 512, 512)
     assert torch.isfinite(images).all()
