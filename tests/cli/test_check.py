@@ -235,8 +235,6 @@ def test_unreadable_config_files_are_one_line(tmp_path, capsys, content, needle)
         (["sample", "--prompt", "a", "--out", "o", "--steps", "0"], "--steps: must be an integer >= 1"),
         (["sample", "--prompt", "a", "--out", "o", "--guidance", "nan"], "--guidance: must be a number >= 0"),
         (["sample", "--prompt", "a", "--out", "o", "--resolution", "-8"], "--resolution: must be an integer >= 8"),
-        (["eval", "--out", "o", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
-        (["eval", "--out", "o", "--n", "1.5"], "--n: must be an integer >= 1, got '1.5'"),
         (["serve-reward", "ocr", "--port", "70000"], "--port: must be an integer >= 0 and <= 65535"),
         (["serve-reward", "ocr", "--max-bytes", "0"], "--max-bytes: must be an integer >= 1"),
         (["merge", "--teachers", "a", "--weights", "nan", "--out", "o"], "--weights: must be a number >= 0"),
