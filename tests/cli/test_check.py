@@ -311,3 +311,33 @@ def test_check_sft_plan_on_a_local_model(tmp_path, capsys, tiny_pixel_dir):
     assert "teacher teacher_ocr" in out and "estimate: not available for 'sft'" in out
     err = _one_line_error(capsys, [*argv[:-2], "--gpus", "3"])
     assert "sample.num_prompts=8 must be divisible by the number of processes (3)" in err
+
+
+def test_weights_status_local_cached_or_missing(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from flowopd.recipes.preflight import weights_status
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snap = tmp_path / "hub" / "models--org--detector" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert weights_status(str(tmp_path)) == "local"
+    assert weights_status("org/detector") == "cached"
+    assert weights_status("org/other") == "not in the local Hugging Face cache"
+
+
+def test_uncached_hub_weights_are_warnings_cached_ones_are_not(
+    real_files, tmp_path, capsys, monkeypatch
+):
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    (hub / "models--my-org--m2f" / "snapshots" / "x").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    argv = _grpo(real_files, "--no-estimate",
+                 "reward.options={geneval: {detector: my-org/m2f, colors: hsv}}")  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "detector my-org/m2f (cached)" in out and "clip_model" not in out  # hsv: no CLIP
+    assert "warning: model.path stabilityai/stable-diffusion-3.5-medium is not in the" in out
+    assert "warning: geneval reward" not in out

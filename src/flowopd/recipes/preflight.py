@@ -237,8 +237,8 @@ def _each_routed(
 # rewards and benchmark scorers
 
 
-# The options of each built-in reward that name model weights, and whether they are
-# files (a head) or model directories / hub ids; defaults come from the factory.
+# The options of each built-in reward that name model weights (a local path or a hub id;
+# the aesthetic head is a file); their defaults come from the reward's factory.
 _WEIGHT_OPTIONS: dict[str, tuple[str, ...]] = {
     "geneval": ("detector", "clip_model"),
     "pickscore": ("model", "processor"),
