@@ -341,3 +341,27 @@ def test_uncached_hub_weights_are_warnings_cached_ones_are_not(
     assert "detector my-org/m2f (cached)" in out and "clip_model" not in out  # hsv: no CLIP
     assert "warning: model.path stabilityai/stable-diffusion-3.5-medium is not in the" in out
     assert "warning: geneval reward" not in out
+
+
+def test_a_cached_hub_model_is_read_from_its_snapshot(real_files, tmp_path, capsys, monkeypatch,
+                                                      tiny_pixel_dir):  # fmt: skip
+    """A hub id outside perf.KNOWN_ARCHS, in the local cache: the plan and the estimate read
+    its architecture from the snapshot (nothing downloaded)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--my-org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (snap / "transformer").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    for f in ("model_index.json", "transformer/config.json"):
+        shutil.copy(tiny_pixel_dir / f, snap / f)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(_grpo(real_files, "model.path=my-org/tiny", "model.resolution=32")) == 0
+    out = capsys.readouterr().out
+    # the tiny pixel-space model: VAE scale 1, patch 4 -> 32 px = 3 x 32 x 32, 8^2 tokens
+    assert "32 px (model.resolution) -> latents 3x32x32, 64 image tokens" in out
+    assert "sequence     32 px: 64 image" in out  # the estimate used the same architecture
+    assert "warning: model.path" not in out  # cached: nothing to download

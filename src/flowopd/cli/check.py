@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     elif plan.latent_shape is None:
         print("estimate: skipped, the model's architecture is unknown (see the warning)")
     else:
-        est = estimate_for(args.algo, cfg, args.gpu, args.gpus, args.mfu)
+        est = estimate_for(args.algo, cfg, args.gpu, args.gpus, args.mfu, plan.architecture)
         print(f"estimate ({args.gpu}, flowopd estimate):")
         print("\n".join("  " + line for line in format_estimate(est).splitlines()))
     print(f"checked in {time.perf_counter() - t0:.1f} s; no model weights loaded")

@@ -80,11 +80,13 @@ def check_device_args(args: argparse.Namespace) -> None:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
 
 
-def estimate_for(algo: str, cfg, gpu: str, gpus: int, mfu: float | None):
-    """``perf.estimate_run`` with a note when ``algo`` is costed as GRPO."""
+def estimate_for(algo: str, cfg, gpu: str, gpus: int, mfu: float | None, architecture=None):
+    """``perf.estimate_run`` with a note when ``algo`` is costed as GRPO; ``architecture``
+    (arch, shape) when already read (``flowopd check``), else from model.path."""
     from flowopd.perf import estimate_run
 
-    est = estimate_run(cfg, gpu, gpus, mfu=mfu)
+    arch, shape = architecture or (None, None)
+    est = estimate_run(cfg, gpu, gpus, mfu=mfu, arch=arch, shape=shape)
     if algo != "grpo":
         est.notes.append(
             f"'{algo}' is costed as GRPO (policy forward + backward and one reference "

@@ -36,6 +36,7 @@ class RunPlan:
     rows: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     latent_shape: tuple[int, int, int] | None = None  # (C, h, w) at model.resolution
+    architecture: Any = None  # (perf.MMDiTArch, perf.PipelineShape) when known
 
     def add(self, label: str, text: str) -> None:
         self.rows.append((label, text))
@@ -88,15 +89,18 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
             f"model.path '{m.path}' holds no model_index.json; pass a diffusers pipeline "
             "directory (saved with save_pretrained) or a hub id"
         )
+    source = path  # where the architecture is read: a directory, or a known hub id
     if not local.is_dir():
         status = weights_status(path)
-        if status != "cached":
+        if status == "cached":
+            source = _cached_snapshot(path) or path
+        else:
             plan.warn(
                 f"model.path {path} is {status}: the run downloads it at launch (fails "
                 f"when HF_HUB_OFFLINE=1); fetch it first with `hf download {path}`"
             )
     try:
-        arch, shape = perf.load_architecture(path)
+        arch, shape = perf.load_architecture(source)
     except (OSError, ValueError, KeyError) as e:  # a malformed config.json
         raise UserError(
             f"model.path '{m.path}': unreadable model config ({e}); fix the directory"
@@ -124,6 +128,7 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
             f"than the model's positional table ({arch.pos_embed_max_size}); use at most {largest}"
         )
     plan.latent_shape = (arch.in_channels, side, side)
+    plan.architecture = (arch, shape)
     tokens = perf.image_tokens(arch, res, shape.vae_scale)
     plan.add(
         "model",
@@ -257,6 +262,16 @@ def weights_status(path: str) -> str:
     repo = Path(constants.HF_HUB_CACHE) / ("models--" + path.replace("/", "--")) / "snapshots"
     cached = repo.is_dir() and any(repo.iterdir())
     return "cached" if cached else "not in the local Hugging Face cache"
+
+
+def _cached_snapshot(repo: str) -> str | None:
+    """The local snapshot directory of a cached hub id (nothing downloaded), or None."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+
+        return snapshot_download(repo, local_files_only=True, cache_dir=constants.HF_HUB_CACHE)
+    except Exception:  # an incomplete cache entry: fall back to the known architectures
+        return None
 
 
 def _factory(name: str):
