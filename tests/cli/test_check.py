@@ -160,13 +160,14 @@ def test_check_ocr_presets_read_the_published_txt(real_files, capsys):
     assert "no target text for the ocr reward" in _one_line_error(capsys, argv)
 
 
-def _lora(path: Path) -> Path:
-    """A minimal valid safetensors LoRA file (header + one 2x2 float32 tensor)."""
+def _lora(path: Path, name: str = "t.lora_A.weight", shape: tuple = (2, 2)) -> Path:
+    """A minimal valid safetensors LoRA file: its header and one float32 tensor ``name``."""
     path.mkdir(parents=True)
+    size = 4 * shape[0] * shape[1]
     header = json.dumps(
-        {"t.lora_A.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+        {name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, size]}}
     ).encode()
-    blob = len(header).to_bytes(8, "little") + header + bytes(16)
+    blob = len(header).to_bytes(8, "little") + header + bytes(size)
     (path / "pytorch_lora_weights.safetensors").write_bytes(blob)
     return path
 
@@ -365,3 +366,30 @@ def test_a_cached_hub_model_is_read_from_its_snapshot(real_files, tmp_path, caps
     assert "32 px (model.resolution) -> latents 3x32x32, 64 image tokens" in out
     assert "sequence     32 px: 64 image" in out  # the estimate used the same architecture
     assert "warning: model.path" not in out  # cached: nothing to download
+
+
+@pytest.mark.parametrize(
+    "name, shape, needle",
+    [
+        ("transformer.transformer_blocks.30.attn.to_q.lora_A.weight", (4, 1536),
+         "adapts transformer block 30, but the model has 24"),
+        ("transformer.transformer_blocks.3.attn.to_q.lora_A.weight", (32, 2432),
+         "has width 2432 (transformer.transformer_blocks.3.attn.to_q.lora_A.weight), the model 1536"),
+        ("transformer.transformer_blocks.3.attn.add_k_proj.lora_B.weight", (2432, 32),
+         "has width 2432"),
+    ],
+)  # fmt: skip
+def test_adapters_of_another_architecture_are_refused(real_files, tmp_path, capsys, name,
+                                                      shape, needle):  # fmt: skip
+    """SD3.5-M: 24 blocks of width 24 heads x 64 = 1536; SD3.5-Large's are 2432 wide."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "a dog", "task": "geneval"}) + "\n")
+    good = _lora(tmp_path / "good", "transformer.transformer_blocks.23.attn.to_q.lora_A.weight",
+                 (4, 1536))  # fmt: skip
+    base = ["check", "sft", "model.path=stabilityai/stable-diffusion-3.5-medium",
+            f"data.train={sft}", "sample.num_prompts=4", "train.batch_size=4"]  # fmt: skip
+    assert main([*base, f"sft.teachers=[{{path: {good}, tasks: [geneval]}}]"]) == 0
+    capsys.readouterr()
+    bad = _lora(tmp_path / "bad", name, shape)
+    err = _one_line_error(capsys, [*base, f"sft.teachers=[{{path: {bad}, tasks: [geneval]}}]"])
+    assert "teacher 'teacher_geneval': LoRA" in err and needle in err, err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,9 +430,10 @@ def _plan_eval(plan: RunPlan, cfg: Any) -> None:
 # adapters, epoch layout, outputs
 
 
-def check_lora_header(path: str, key: str) -> int:
+def check_lora_header(path: str, key: str, arch: Any = None) -> int:
     """Tensors in a LoRA's safetensors file, read from its JSON header (no tensor loaded);
-    a one-line ``UserError`` naming the file when it is not a readable safetensors file."""
+    a one-line ``UserError`` naming the file when it is not a readable safetensors file, or
+    (given the model's ``perf.MMDiTArch``) when it was trained on another architecture."""
     from flowopd.models.adapters import read_safetensors_header
     from flowopd.recipes.opd_config import LORA_WEIGHTS, check_lora_path
 
@@ -439,10 +441,37 @@ def check_lora_header(path: str, key: str) -> int:
     p = Path(path).expanduser()
     f = p if p.is_file() else p / LORA_WEIGHTS
     header = read_safetensors_header(f, key)
-    tensors = [k for k in header if k != "__metadata__"]
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if not tensors:
         raise UserError(f"{key}: '{f}' holds no tensors; re-export the LoRA")
+    if arch is not None:
+        _check_lora_fits(tensors, arch, f"{key}: LoRA '{path}'")
     return len(tensors)
+
+
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def _check_lora_fits(tensors: dict[str, dict], arch: Any, what: str) -> None:
+    """Every adapted block exists in the model, and every attention factor has the model's
+    width d = heads x head_dim (lora_A: (r, d), lora_B: (d, r)), SD3.5-M: 24 blocks, 1536."""
+    width = arch.num_attention_heads * arch.attention_head_dim
+    for name, info in tensors.items():
+        m = _BLOCK.search(name)
+        if m and int(m.group(1)) >= arch.num_layers:
+            raise UserError(
+                f"{what} adapts transformer block {m.group(1)}, but the model has "
+                f"{arch.num_layers}; use adapters trained on this model.path"
+            )
+        shape = info.get("shape", []) if isinstance(info, dict) else []
+        if ".attn" not in name or len(shape) != 2:
+            continue
+        d = shape[1] if "lora_A" in name else shape[0] if "lora_B" in name else width
+        if d != width:
+            raise UserError(
+                f"{what} has width {d} ({name}), the model {width}; it was trained on "
+                "another architecture: use adapters trained on this model.path"
+            )
 
 
 def _plan_adapters(plan: RunPlan, cfg: Any) -> None:
@@ -450,13 +479,14 @@ def _plan_adapters(plan: RunPlan, cfg: Any) -> None:
     if section is None:
         return
     name = "opd" if hasattr(cfg, "opd") else "sft"
+    arch = plan.architecture[0] if plan.architecture else None
     for t in section.teachers:
-        n = check_lora_header(t.path, f"teacher '{t.adapter}'")
+        n = check_lora_header(t.path, f"teacher '{t.adapter}'", arch)
         plan.add(f"teacher {t.adapter}", f"{t.path} ({n} tensors) for {', '.join(t.tasks)}")
     for attr in ("anchor", "init"):
         path = getattr(section, attr, "")
         if path:
-            n = check_lora_header(path, f"{name}.{attr}")
+            n = check_lora_header(path, f"{name}.{attr}", arch)
             plan.add(f"{name}.{attr}", f"{path} ({n} tensors)")
 
 
