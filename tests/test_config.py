@@ -350,7 +350,8 @@ def test_sd35m_pickscore_preset_has_flow_grpos_settings():
     )
     assert (cfg.sample.group_size, cfg.sample.prompts_per_epoch, cfg.train.lr) == (24, 48, 3e-4)
     assert cfg.data.train.endswith(".txt")  # the published plain prompt file
-    assert cfg.eval.benchmarks == ["pickscore=data/drawbench/test.txt"]
+    assert cfg.eval.benchmarks == ["pickscore"]  # scored on data.test: DrawBench
+    assert cfg.data.test == "data/drawbench/test.txt"
 
 
 def test_sd35m_opd_names_only_teachers_with_presets():
