@@ -6,7 +6,6 @@ end to end through the CLI with nothing downloaded.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -102,16 +101,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def geneval_jsonl(path: Path, shared: Path, n: int, *, task: bool = False) -> Path:
-    """The first ``n`` lines of GenEval's test metadata (``task: geneval`` added if asked)."""
+def geneval_jsonl(path: Path, shared: Path, n: int) -> Path:
+    """The first ``n`` lines of GenEval's test metadata (the published JSONL, as is)."""
     src = (shared / "geneval" / "test_metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    rows = [json.loads(line) for line in src[:n]]
-    if task:
-        rows = [{**r, "task": "geneval"} for r in rows]
-    return write_lines(path, [json.dumps(r) for r in rows])
-
-
-def prompts_jsonl(path: Path, source: Path, n: int, task: str) -> Path:
-    """``n`` prompts of a published .txt prompt file as JSONL records {prompt, task}."""
-    lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()][:n]
-    return write_lines(path, [json.dumps({"prompt": x, "task": task}) for x in lines])
+    return write_lines(path, src[:n])

@@ -32,22 +32,18 @@ def sd35m_world(tmp_path_factory, shared_data):
     model = tiny.save_tiny_sd35m(root / "model")
     data = root / "data"
     data.mkdir()
-    files = {
-        "geneval": tiny.geneval_jsonl(data / "geneval_train.jsonl", shared_data, 8, task=True),
-        "ocr": tiny.prompts_jsonl(data / "ocr_train.jsonl", shared_data / "ocr/test.txt", 8, "ocr"),
-        "pickscore": tiny.prompts_jsonl(
-            data / "pickscore_train.jsonl", shared_data / "drawbench/test.txt", 8, "pickscore"
-        ),
+    lines = {
+        k: (shared_data / k / "test.txt").read_text().splitlines() for k in ("ocr", "drawbench")
     }
-    tests = {  # the benchmarks' own formats: GenEval metadata JSONL, OCR .txt
+    files = {  # the published formats: GenEval metadata JSONL, OCR .txt, plain prompt .txt
+        "geneval": tiny.geneval_jsonl(data / "geneval_train.jsonl", shared_data, 8),
+        "ocr": tiny.write_lines(data / "ocr_train.txt", lines["ocr"][2:10]),
+        "pickscore": tiny.write_lines(data / "pickscore_train.txt", lines["drawbench"][2:10]),
+    }
+    tests = {
         "geneval": tiny.geneval_jsonl(data / "geneval_test.jsonl", shared_data, 2),
-        "ocr": tiny.write_lines(
-            data / "ocr_test.txt", (shared_data / "ocr/test.txt").read_text().splitlines()[:2]
-        ),
-        "pickscore": tiny.write_lines(  # DrawBench prompts, one a line
-            data / "drawbench_test.txt",
-            (shared_data / "drawbench/test.txt").read_text().splitlines()[:2],
-        ),
+        "ocr": tiny.write_lines(data / "ocr_test.txt", lines["ocr"][:2]),
+        "pickscore": tiny.write_lines(data / "drawbench_test.txt", lines["drawbench"][:2]),
     }
     clip = tiny.save_tiny_clip(root / "clip")
     options = {
