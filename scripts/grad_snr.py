@@ -23,7 +23,6 @@ matching). Figures and their reading: README, "Why it is slow".
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -31,22 +30,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from flowopd.cli import OneLineParser
+    from flowopd.cli.common import number
+
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded", help="model dir (default: embedded)")
     p.add_argument("--lora", default=None, help="adapter to start from (default: a fresh one)")
     p.add_argument("--task", default="geneval", choices=["geneval", "ocr"])
     p.add_argument("--reward", default=None,
                    help="a registered reward instead of the task's, or 'redness' (mean R - "
                         "(G + B) / 2: a dense positive control)")  # fmt: skip
-    p.add_argument("--prompts", type=int, default=128, help="groups (independent samples)")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--noise", type=float, default=0.7, help="SDE noise level")
-    p.add_argument("--guidance", type=float, default=None, help="CFG (default: the model's)")
+    p.add_argument(
+        "--prompts", type=number(int, 1), default=128, help="groups (independent samples)"
+    )
+    p.add_argument("--group-size", type=number(int, 2), default=8)
+    p.add_argument(
+        "--noise", type=number(float, 0, lo_open=True), default=0.7, help="SDE noise level"
+    )
+    p.add_argument(
+        "--guidance", type=number(float, 0), default=None, help="CFG (default: the model's)"
+    )
     p.add_argument("--window", default="", help="stochastic steps 'start,end' (default: all)")
     p.add_argument("--same-initial-noise", action="store_true")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank of a fresh adapter")
+    p.add_argument("--rank", type=number(int, 1), default=16, help="LoRA rank of a fresh adapter")
     p.add_argument("--fm", action="store_true", help="also the flow-matching estimator")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
     if args.prompts < 4 or args.group_size < 2:

@@ -16,7 +16,6 @@ Jobs file: one job per line, ``NAME ARGS...`` where ARGS are ``flowopd`` argumen
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -69,11 +68,19 @@ def summarize(name: str, args: str, log: Path, rc: int | None, block: int = 10) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from flowopd.cli import OneLineParser
+    from flowopd.cli.common import number
+
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("jobs", type=Path, help="jobs file: NAME ARGS... per line")
     p.add_argument("out", type=Path, help="where summary.txt and logs.tar.gz go")
-    p.add_argument("--budget", type=float, required=True, help="seconds per job (SIGINT after)")
-    p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per job")
+    p.add_argument(
+        "--budget",
+        type=number(float, 0, lo_open=True),
+        required=True,
+        help="seconds per job (SIGINT after)",
+    )
+    p.add_argument("--threads", type=number(int, 1), default=1, help="OMP/MKL threads per job")
     p.add_argument("--work", type=Path, default=Path("runs/parallel"), help="jobs' output dirs")
     args = p.parse_args(argv)
 

@@ -15,7 +15,6 @@ pass@1 0.289, pass@8 0.842 (README, "Where the full experiment stands").
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -23,16 +22,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from flowopd.cli import OneLineParser
+    from flowopd.cli.common import number
+
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded", help="model dir (default: embedded)")
     p.add_argument("--lora", default=None, help="adapter dir to evaluate (default: none)")
     p.add_argument("--kind", default="sde", choices=["sde", "cps", "ode"])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--noise", type=float, default=0.7, help="SDE noise level")
-    p.add_argument("--guidance", type=float, default=None, help="CFG (default: the model's)")
-    p.add_argument("--n", type=int, default=120, help="toy-GenEval test prompts")
-    p.add_argument("--k", type=int, default=8, help="images per prompt")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--steps", type=number(int, 1), default=10)
+    p.add_argument(
+        "--noise", type=number(float, 0, lo_open=True), default=0.7, help="SDE noise level"
+    )
+    p.add_argument(
+        "--guidance", type=number(float, 0), default=None, help="CFG (default: the model's)"
+    )
+    p.add_argument("--n", type=number(int, 1), default=120, help="toy-GenEval test prompts")
+    p.add_argument("--k", type=number(int, 1), default=8, help="images per prompt")
+    p.add_argument("--seed", type=number(int, 0), default=7)
     args = p.parse_args(argv)
     if args.k < 2 or args.n < 1 or args.steps < 1:
         p.error("--k must be >= 2 (pass@k compares images of a prompt), --n and --steps >= 1")

@@ -393,3 +393,26 @@ def test_adapters_of_another_architecture_are_refused(real_files, tmp_path, caps
     bad = _lora(tmp_path / "bad", name, shape)
     err = _one_line_error(capsys, [*base, f"sft.teachers=[{{path: {bad}, tasks: [geneval]}}]"])
     assert "teacher 'teacher_geneval': LoRA" in err and needle in err, err
+
+
+@pytest.mark.parametrize(
+    "script, argv, needle",
+    [
+        ("pass_at_k", ["--noise", "nan"], "--noise: must be a number > 0"),
+        ("pass_at_k", ["--steps", "0"], "--steps: must be an integer >= 1"),
+        ("grad_snr", ["--guidance", "nan"], "--guidance: must be a number >= 0"),
+        ("grad_snr", ["--group-size", "1"], "--group-size: must be an integer >= 2"),
+        ("parallel_runs", ["jobs.txt", "out", "--budget", "inf"], "--budget: must be a number > 0"),
+    ],
+)  # fmt: skip
+def test_script_numeric_options_are_range_checked(capsys, script, argv, needle):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script, REPO / "scripts" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0], err
