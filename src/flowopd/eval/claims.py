@@ -53,6 +53,32 @@ def task_column(task: str, columns: Sequence[str]) -> str | None:
     return None
 
 
+@dataclass
+class _Table:
+    """The rows of a report table, by model name, with the teachers' task columns."""
+
+    rows: Sequence[dict]
+    columns: Sequence[str]
+
+    def __post_init__(self) -> None:
+        self.by = {r["model"]: r for r in self.rows}
+        self.base, self.mix, self.opd = (self.by.get(m) for m in ("base", "grpo-mix", "flow-opd"))
+        self.teachers = {  # task -> row
+            m.split(":", 1)[1]: r for m, r in self.by.items() if m.startswith("teacher:")
+        }
+        self.cols = {t: task_column(t, self.columns) for t in self.teachers}
+        self.task_cols = [c for c in self.cols.values() if c]
+
+    @staticmethod
+    def val(row: dict | None, col: str | None) -> float | None:
+        return None if row is None or col is None else row.get(col)
+
+    @staticmethod
+    def se(*pairs: tuple[dict | None, str | None]) -> float:
+        """Standard error of a difference of the (row, column) scores."""
+        return diff_se(*((r or {}).get("se", {}).get(c or "", 0.0) for r, c in pairs))
+
+
 def check_claims(
     rows: Sequence[dict],
     columns: Sequence[str],
@@ -65,102 +91,105 @@ def check_claims(
     z: float = 2.0,
 ) -> list[Claim]:
     """Check claims 1-5 (module docstring) on ``rows`` (``table.json``); see ``Claim``."""
-    by = {r["model"]: r for r in rows}
-    base, mix, opd = by.get("base"), by.get("grpo-mix"), by.get("flow-opd")
-    teachers = {
-        m.split(":", 1)[1]: r for m, r in by.items() if m.startswith("teacher:")
-    }  # task -> row
-    cols = {t: task_column(t, columns) for t in teachers}
-    task_cols = [c for c in cols.values() if c]
-    claims: list[Claim] = []
+    t = _Table(rows, columns)
+    return [
+        *_seesaw(t, gain, leak),
+        *_mix_below(t, z),
+        *_within(t, tolerance),
+        _best_average(t, z),
+        _mar(t, quality, quality_margin, tolerance, z),
+    ]
 
-    def val(row: dict | None, col: str | None) -> float | None:
-        return None if row is None or col is None else row.get(col)
 
-    def se(*pairs: tuple[dict | None, str | None]) -> float:
-        """Standard error of a difference of the (row, column) scores."""
-        return diff_se(*((r or {}).get("se", {}).get(c or "", 0.0) for r, c in pairs))
-
-    def pm(x: float) -> str:
-        return f" +- {x:.3f}" if x > 0 else ""
-
-    # 1. seesaw
-    for task, row in teachers.items():
-        own = cols[task]
-        b, v = val(base, own), val(row, own)
+def _seesaw(t: _Table, gain: float, leak: float) -> list[Claim]:
+    """1. Each teacher gains >= gain on its own column and <= leak on the others."""
+    claims = []
+    for task, row in t.teachers.items():
+        own, base = t.cols[task], t.base
+        b, v = t.val(base, own), t.val(row, own)
         if b is None or v is None:
             claims.append(Claim(f"seesaw, teacher:{task}", None, "no base row or no column"))
             continue
-        others = [(c, row[c] - base[c]) for c in task_cols if c != own and row.get(c) is not None]
+        others = [(c, row[c] - base[c]) for c in t.task_cols if c != own and row.get(c) is not None]
         ok = v - b >= gain and all(d <= leak for _, d in others)
         other_txt = (
-            ", ".join(f"{c} {d:+.3f}{pm(se((row, c), (base, c)))}" for c, d in others)
+            ", ".join(f"{c} {d:+.3f}{_pm(t.se((row, c), (base, c)))}" for c, d in others)
             or "no other task"
         )
         claims.append(Claim(
             f"seesaw, teacher:{task}", ok,
-            f"{own} {v - b:+.3f}{pm(se((row, own), (base, own)))} over base (needs >= "
+            f"{own} {v - b:+.3f}{_pm(t.se((row, own), (base, own)))} over base (needs >= "
             f"{gain:+.2f}); {other_txt} (needs <= {leak:+.2f})",
         ))  # fmt: skip
+    return claims
 
-    # 2. GRPO-Mix below each specialist on its task
-    for task, row in teachers.items():
-        m, v = val(mix, cols[task]), val(row, cols[task])
-        name = f"grpo-mix below teacher:{task} on {cols[task]}"
+
+def _mix_below(t: _Table, z: float) -> list[Claim]:
+    """2. GRPO-Mix below each specialist on its task, beyond z standard errors."""
+    claims = []
+    for task, row in t.teachers.items():
+        col = t.cols[task]
+        m, v = t.val(t.mix, col), t.val(row, col)
+        name = f"grpo-mix below teacher:{task} on {col}"
         if m is None or v is None:
             claims.append(Claim(name, None, "no grpo-mix row"))
-        else:
-            e = se((mix, cols[task]), (row, cols[task]))
-            claims.append(Claim(name, v - m > z * e and m < v, f"{m:.3f} vs {v:.3f} "
-                                f"({m - v:+.3f}{pm(e)}{_beyond(z, e)})"))  # fmt: skip
+            continue
+        e = t.se((t.mix, col), (row, col))
+        claims.append(Claim(name, v - m > z * e and m < v, f"{m:.3f} vs {v:.3f} "
+                            f"({m - v:+.3f}{_pm(e)}{_beyond(z, e)})"))  # fmt: skip
+    return claims
 
-    # 3. the student within tolerance of each teacher on its task
-    for task, row in teachers.items():
-        s, v = val(opd, cols[task]), val(row, cols[task])
-        name = f"flow-opd within {tolerance} of teacher:{task} on {cols[task]}"
+
+def _within(t: _Table, tolerance: float) -> list[Claim]:
+    """3. The student within ``tolerance`` of (or above) each teacher on its task."""
+    claims = []
+    for task, row in t.teachers.items():
+        col = t.cols[task]
+        s, v = t.val(t.opd, col), t.val(row, col)
+        name = f"flow-opd within {tolerance} of teacher:{task} on {col}"
         if s is None or v is None:
             claims.append(Claim(name, None, "no flow-opd row"))
-        else:
-            e = pm(se((opd, cols[task]), (row, cols[task])))
-            claims.append(Claim(name, s >= v - tolerance, f"{s:.3f} vs {v:.3f} ({s - v:+.3f}{e})"))
-
-    # 4. best average
-    if opd is None or opd.get("average") is None:
-        claims.append(Claim("flow-opd has the best average", None, "no flow-opd row"))
-    else:
-        rivals = [r for r in rows if r["model"] != "flow-opd" and r.get("average") is not None]
-        best = max(rivals, key=lambda r: r["average"], default=None)
-        e = se((opd, "average"), (best, "average")) if best else 0.0
-        ok = (
-            best is None
-            or opd["average"] - best["average"] > z * e
-            and opd["average"] > best["average"]
-        )
-        detail = f"{opd['average']:.3f}" + (
-            f" vs next best {best['model']} {best['average']:.3f} "
-            f"({opd['average'] - best['average']:+.3f}{pm(e)}{_beyond(z, e)})"
-            if best
-            else ""
-        )
-        claims.append(Claim("flow-opd has the best average", ok, detail))
-
-    # 5. MAR raises quality
-    no_mar = by.get("flow-opd (no MAR)")
-    q, q0 = val(opd, quality), val(no_mar, quality)
-    if q is None or q0 is None:
-        claims.append(Claim("MAR raises quality", None, "no MAR-off row (mar_ablation=true)"))
-    else:
-        tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in task_cols)
-        e = se((opd, quality), (no_mar, quality))
-        ok = q - q0 > max(quality_margin, z * e) and all(
-            opd[c] >= no_mar[c] - tolerance for c in task_cols if opd.get(c) is not None
-        )
-        claims.append(Claim(
-            "MAR raises quality", ok,
-            f"{quality} {q:.4f} with vs {q0:.4f} without ({q - q0:+.4f}{pm(e)}; needs > "
-            f"+{quality_margin}{_beyond(z, e)}); {tasks_txt} (needs >= -{tolerance})",
-        ))  # fmt: skip
+            continue
+        e = _pm(t.se((t.opd, col), (row, col)))
+        claims.append(Claim(name, s >= v - tolerance, f"{s:.3f} vs {v:.3f} ({s - v:+.3f}{e})"))
     return claims
+
+
+def _best_average(t: _Table, z: float) -> Claim:
+    """4. The student has the best average of all rows, beyond z standard errors."""
+    opd, name = t.opd, "flow-opd has the best average"
+    if opd is None or opd.get("average") is None:
+        return Claim(name, None, "no flow-opd row")
+    rivals = [r for r in t.rows if r["model"] != "flow-opd" and r.get("average") is not None]
+    best = max(rivals, key=lambda r: r["average"], default=None)
+    if best is None:
+        return Claim(name, True, f"{opd['average']:.3f}")
+    d = opd["average"] - best["average"]
+    e = t.se((opd, "average"), (best, "average"))
+    return Claim(name, d > z * e and d > 0, f"{opd['average']:.3f} vs next best {best['model']} "
+                 f"{best['average']:.3f} ({d:+.3f}{_pm(e)}{_beyond(z, e)})")  # fmt: skip
+
+
+def _mar(t: _Table, quality: str, margin: float, tolerance: float, z: float) -> Claim:
+    """5. MAR raises quality by > margin (and z se) at task scores within tolerance."""
+    opd, no_mar = t.opd, t.by.get("flow-opd (no MAR)")
+    q, q0 = t.val(opd, quality), t.val(no_mar, quality)
+    if q is None or q0 is None:
+        return Claim("MAR raises quality", None, "no MAR-off row (mar_ablation=true)")
+    tasks_txt = ", ".join(f"{c} {opd[c]:.3f} vs {no_mar[c]:.3f}" for c in t.task_cols)
+    e = t.se((opd, quality), (no_mar, quality))
+    ok = q - q0 > max(margin, z * e) and all(
+        opd[c] >= no_mar[c] - tolerance for c in t.task_cols if opd.get(c) is not None
+    )
+    return Claim(
+        "MAR raises quality", ok,
+        f"{quality} {q:.4f} with vs {q0:.4f} without ({q - q0:+.4f}{_pm(e)}; needs > "
+        f"+{margin}{_beyond(z, e)}); {tasks_txt} (needs >= -{tolerance})",
+    )  # fmt: skip
+
+
+def _pm(x: float) -> str:
+    return f" +- {x:.3f}" if x > 0 else ""
 
 
 def _beyond(z: float, se: float) -> str:
