@@ -18,7 +18,7 @@ It keeps every group's gradient in memory, (groups x steps x LoRA parameters) fl
 Measured on the embedded base (128 groups x 8, noise 0.7, CFG 3; 5 min on 1 thread), toy-GenEval:
 per-step SNR -0.0005..0.0016, each +- ~0.002 (indistinguishable from 0), flow matching 0.0040
 at best; a positive control (``--reward redness``) reads 0.01 (log-prob) and 0.27 (flow
-matching). Figures and their reading: README, "Why it is slow".
+matching), on the world v1 base. Figures and their reading: docs/EXPERIMENTS.md (2026-11).
 """
 
 from __future__ import annotations

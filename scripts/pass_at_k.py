@@ -10,7 +10,8 @@ one strictly correct image, "partial" the mean training reward (partial credit) 
     python scripts/pass_at_k.py --lora runs/toy/grpo_geneval/lora --kind ode --steps 40
 
 Measured on the embedded base (120 prompts x 8, SDE 10 steps, noise 0.7, CFG 3.0):
-pass@1 0.289, pass@8 0.842 (README, "Where the full experiment stands").
+pass@1 0.289, pass@8 0.842 on the world v1 base (docs/EXPERIMENTS.md, 2026-11); the world v2
+base: 0.503 / 0.817 (docs/EMBEDDED_MODEL.md).
 """
 
 from __future__ import annotations
