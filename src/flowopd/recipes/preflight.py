@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flowopd.errors import UserError, closest
+from flowopd.perf import _get  # dotted config lookup with a default
 
 __all__ = ["RunPlan", "check_run", "check_prompt_file", "check_lora_header", "weights_status"]
 
@@ -552,11 +553,3 @@ def _plan_output(plan: RunPlan, cfg: Any) -> None:
         )
     every = f"every {o.checkpoint_every} epochs and " if o.checkpoint_every else ""
     plan.add("output", f"{o.dir} (checkpoints {every}at the end, keep {o.keep_last or 'all'})")
-
-
-def _get(obj: Any, dotted: str, default: Any) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return default
-    return obj
