@@ -1,0 +1,101 @@
+"""Refactoring guard: 2-epoch GRPO and OPD runs on the embedded model give a pinned LoRA.
+
+The reference digests in ``data/equivalence.json`` were written by this test
+(``FLOWOPD_WRITE_REFERENCE=1``) before the architecture step. On the platform that wrote
+them (same torch version and CPU capability) the LoRA must be bitwise equal; elsewhere
+floating-point kernels may differ in the last bits, so the per-tensor sums and norms must
+agree to 1e-5 (relative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowopd.paths import EMBEDDED_MODEL
+from tests.recipes._teachers import make_teacher_loras, write_mixed_prompts
+from tests.recipes.conftest import run_cli
+
+REFERENCE = Path(__file__).parent / "data" / "equivalence.json"
+_COMMON = """
+model: {path: embedded, dtype: float32, resolution: null, guidance_scale: 3.0,
+        lora: {rank: 4, alpha: 8}}
+sample: {num_steps: 6, group_size: 4, prompts_per_epoch: 4, batch_size: 16,
+         noise_level: 0.7, sde_window_size: 2, sde_window_range: [0, 4]}
+eval: {every: 0}
+"""
+
+
+def _platform() -> str:
+    return f"torch {torch.__version__} / {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _digest(lora_dir: Path) -> dict:
+    """sha256 over (name, bytes) in name order, and per-tensor float64 sum and L2 norm."""
+    tensors = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    h = hashlib.sha256()
+    stats = {}
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+        stats[name] = [t.double().sum().item(), t.double().norm().item()]
+    return {"sha256": h.hexdigest(), "stats": stats}
+
+
+def _run(tmp: Path, name: str, body: str) -> dict:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(_COMMON + body + f"output: {{dir: {tmp / name}, checkpoint_every: 0}}\n")
+    algo = name.split("_")[0]
+    run_cli("train", algo, "--config", str(cfg), timeout=600)
+    return _digest(tmp / name / "lora")
+
+
+def _grpo(tmp: Path) -> dict:
+    body = """
+data: {train: "world:geneval"}
+reward: toy_geneval
+train: {epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3,
+        clip_range: 1.0e-3, beta_kl: 0.04, seed: 5, ema_every: 1}
+"""
+    return _run(tmp, "grpo_geneval", body)
+
+
+def _opd(tmp: Path) -> dict:
+    teachers = make_teacher_loras(EMBEDDED_MODEL, tmp / "teachers", std=0.05)
+    prompts = write_mixed_prompts(tmp / "mixed.jsonl", 2)
+    body = f"""
+data: {{train: {prompts}}}
+train: {{epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3, seed: 5}}
+opd:
+  mode: ppo_attached
+  mar_lambda: 0.04
+  teachers:
+    - {{path: {teachers["geneval"]}, tasks: [geneval]}}
+    - {{path: {teachers["ocr"]}, tasks: [ocr]}}
+"""
+    return _run(tmp, "opd_mixed", body)
+
+
+@pytest.mark.parametrize("name", ["grpo", "opd"])
+def test_lora_equals_the_pinned_reference(tmp_path, name):
+    got = {"grpo": _grpo, "opd": _opd}[name](tmp_path)
+    if os.environ.get("FLOWOPD_WRITE_REFERENCE") == "1":
+        ref = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+        ref[name] = {"platform": _platform(), **got}
+        REFERENCE.write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
+        pytest.skip("reference written")
+    ref = json.loads(REFERENCE.read_text())[name]
+    assert sorted(got["stats"]) == sorted(ref["stats"])
+    if ref["platform"] == _platform():
+        assert got["sha256"] == ref["sha256"], "LoRA differs bitwise from the reference"
+    for key, (s, n) in ref["stats"].items():
+        gs, gn = got["stats"][key]
+        assert gn == pytest.approx(n, rel=1e-5, abs=1e-9), key
+        assert gs == pytest.approx(s, rel=1e-4, abs=1e-6 * max(n, 1e-9)), key
