@@ -65,3 +65,31 @@ def test_caption_noise_option():
         parse_caption_noise("ocr")
     with pytest.raises(UserError, match="unknown caption-noise kind"):
         parse_caption_noise("counts=0.5")
+
+
+def test_tag_weights_change_each_categorys_share_of_a_batch():
+    from collections import Counter
+
+    from flowopd.cli.pretrain import parse_tag_weights
+    from flowopd.recipes.pretrain import weighted_tags
+    from flowopd.world.prompts import GENEVAL_TAGS, make_records
+
+    weights = parse_tag_weights("position=2,color_attr=2,colors=0")
+    assert weights == {"position": 2, "color_attr": 2, "colors": 0}
+    assert weighted_tags({}) is None  # the original draw: every tag once per round
+    # 3 tags of weight 1 + 2 of weight 2 = 7 draws per round: 63 records are 9 rounds
+    recs = make_records("geneval", "train", 63, seed=1, tags=weighted_tags(weights))
+    share = Counter(r["tag"] for r in recs)
+    assert share["position"] == share["color_attr"] == 18 and "colors" not in share
+    assert share["single_object"] == share["counting"] == share["two_object"] == 9
+    # world_batch follows the weights, and {} leaves the batch as it was
+    cfg = PretrainConfig(batch_size=16, ocr_fraction=0.0)
+    weighted = dataclasses.replace(cfg, tag_weights=weights)
+    assert world_batch(weighted, 0)[0] != world_batch(cfg, 0)[0]
+    assert world_batch(dataclasses.replace(cfg, tag_weights={}), 0)[0] == world_batch(cfg, 0)[0]
+    with pytest.raises(UserError, match="unknown tag"):
+        parse_tag_weights("positions=2")
+    with pytest.raises(UserError, match="integer W"):
+        parse_tag_weights("position=1.5")
+    with pytest.raises(UserError, match="every tag has weight 0"):
+        parse_tag_weights(",".join(f"{t}=0" for t in GENEVAL_TAGS))

@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--caption-noise", default=None, metavar="KIND=P,...",
                    help="caption-noise rates, e.g. counting=0.6,ocr=0.5 (unnamed kinds keep their "
                         "default); 'none' for clean captions (flowopd.world.noise)")  # fmt: skip
+    p.add_argument("--tag-weights", default=None, metavar="TAG=W,...",
+                   help="GenEval categories' integer weights per batch, e.g. position=2,"
+                        "color_attr=2 (unnamed tags weigh 1; default: all equal)")  # fmt: skip
     p.add_argument("--num-layers", type=number(int, 1), default=None,
                    help="MMDiT layers of a new model (default: the embedded architecture's 4)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -72,6 +75,24 @@ def parse_caption_noise(text: str) -> dict[str, float]:
                 f"--caption-noise: {part!r} is not KIND=P (e.g. counting=0.6)"
             ) from None
     return check_rates(rates)
+
+
+def parse_tag_weights(text: str) -> dict[str, int]:
+    """``"position=2,color_attr=2"`` -> {tag: weight}; a bad tag or weight is a UserError."""
+    from flowopd.errors import UserError
+    from flowopd.world.prompts import GENEVAL_TAGS
+
+    weights: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        tag, _, value = (x.strip() for x in part.partition("="))
+        if tag not in GENEVAL_TAGS:
+            raise UserError(f"--tag-weights: unknown tag {tag!r}; tags: {', '.join(GENEVAL_TAGS)}")
+        if not value.isdigit():
+            raise UserError(f"--tag-weights: {part!r} is not TAG=W with an integer W >= 0")
+        weights[tag] = int(value)
+    if weights and not any(weights.get(t, 1) for t in GENEVAL_TAGS):
+        raise UserError("--tag-weights: every tag has weight 0; give one a weight >= 1")
+    return weights
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg, key, val)
     if args.caption_noise is not None:
         cfg.caption_noise = parse_caption_noise(args.caption_noise)
+    if args.tag_weights is not None:
+        cfg.tag_weights = parse_tag_weights(args.tag_weights)
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     cfg.device, cfg.workers = args.device, args.workers

@@ -72,6 +72,9 @@ class PretrainConfig:
     guidance_scale: float = 3.0
     # caption noise: {kind: probability} (flowopd.world.noise; {} for clean captions)
     caption_noise: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
+    # GenEval categories' relative shares in each batch, {tag: integer weight}; unnamed
+    # tags weigh 1, 0 leaves a tag out; {} draws every tag equally
+    tag_weights: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
     workers: int = 0  # data-rendering processes (0: render in the training process)
     arch: TinySD3Config = field(default_factory=lambda: EMBEDDED_ARCH)
@@ -89,12 +92,24 @@ def world_batch(cfg: PretrainConfig, step: int) -> tuple[list[str], torch.Tensor
 
     n_ocr = round(cfg.batch_size * cfg.ocr_fraction)
     seed = cfg.seed * 1_000_003 + step
-    recs = make_records("geneval", "train", cfg.batch_size - n_ocr, seed=seed)
+    recs = make_records("geneval", "train", cfg.batch_size - n_ocr, seed=seed,
+                        tags=weighted_tags(cfg.tag_weights))  # fmt: skip
     recs += make_records("ocr", "train", n_ocr, seed=seed)
     rng = np.random.default_rng([cfg.seed, step, 7])
     drawn = [drawn_record(r, cfg.caption_noise, rng) for r in recs]
     x0 = render_batch(drawn, seed=cfg.seed * 7_919 + step) * 2 - 1
     return [r["prompt"] for r in recs], x0
+
+
+def weighted_tags(weights: dict[str, int]) -> list[str] | None:
+    """GenEval tags, each repeated by its weight (default 1): ``make_records`` draws one
+    record per list entry per round, so a tag of weight 2 fills twice the share of a batch.
+    ``{}`` -> None (every tag once, the original draw)."""
+    from flowopd.world.prompts import GENEVAL_TAGS
+
+    if not weights:
+        return None
+    return [t for t in GENEVAL_TAGS for _ in range(weights.get(t, 1))]
 
 
 class _WorldStream(torch.utils.data.IterableDataset):
