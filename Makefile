@@ -32,7 +32,7 @@ format: $(STAMP)
 
 # The Flow-OPD pipeline on the embedded model at a demo budget (report: runs/demo/report/index.html)
 demo: $(STAMP)
-	$(BIN)/flowopd pipeline configs/toy/flow_opd.yaml --budget demo --out runs/demo
+	$(BIN)/flowopd demo --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/epoch_time.py

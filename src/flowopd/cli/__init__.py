@@ -23,6 +23,8 @@ COMMAND_MODULES = [
     "flowopd.cli.estimate",
     "flowopd.cli.merge",
     "flowopd.cli.pipeline",
+    "flowopd.cli.demo",
+    "flowopd.cli.presets",
     "flowopd.cli.serve_reward",
     "flowopd.cli.world",
     "flowopd.cli.data",

@@ -22,7 +22,7 @@ def register(sub) -> None:
         help="estimate peak memory per GPU and time per epoch of a training config",
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
-    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument("--config", required=True, help="training YAML or preset (flowopd presets)")
     p.add_argument("--algo", default="grpo", help="recipe whose config this is (default: grpo)")
     p.add_argument(
         "--gpu", default="h100", choices=kinds,
@@ -49,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from flowopd.config import load_config
     from flowopd.errors import unknown
     from flowopd.perf import format_estimate
+    from flowopd.presets import resolve_config
 
     if args.algo not in ALGOS:
         raise unknown("algorithm", args.algo, ALGOS)
     check_device_args(args)
-    cfg = load_config(_load(ALGOS[args.algo][0]), args.config, list(args.overrides), validate=False)
+    path = resolve_config(args.config)
+    cfg = load_config(_load(ALGOS[args.algo][0]), path, list(args.overrides), validate=False)
     # the checks that need no data files (an estimate runs before the data is in place)
     for section in ("model", "sample", "train"):
         hook = getattr(getattr(cfg, section, None), "validate", None)

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="run the whole Flow-OPD experiment (idempotent)")
-    p.add_argument("config", help="pipeline YAML, e.g. configs/toy/flow_opd.yaml")
+    p.add_argument("config", help="pipeline YAML or preset, e.g. toy/flow_opd")
     p.add_argument("--out", default=None, help="output directory (same as out=DIR)")
     p.add_argument("--budget", default="full", choices=["full", "demo"],
                    help="demo: add the config's demo_overrides to every training stage")  # fmt: skip
@@ -21,11 +21,12 @@ def run(args: argparse.Namespace) -> int:
     from flowopd.config import load_config
     from flowopd.engine.distributed import shutdown
     from flowopd.eval.claims import check_claims
+    from flowopd.presets import resolve_config
     from flowopd.recipes.pipeline import run_seeds
     from flowopd.recipes.pipeline_config import PipelineConfig
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_config(PipelineConfig, args.config, overrides)
+    cfg = load_config(PipelineConfig, resolve_config(args.config), overrides)
     t0 = time.time()
     try:
         rows = run_seeds(cfg, budget=args.budget)

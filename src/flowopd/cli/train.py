@@ -21,7 +21,9 @@ def register(sub) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The arguments of a training run (shared by ``train`` and ``check``)."""
     p.add_argument("algo", help="algorithm: " + ", ".join(ALGOS))
-    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument(
+        "--config", default=None, help="YAML file or packaged preset, e.g. toy/grpo_geneval"
+    )
     p.add_argument("--out", default=None, help="output directory (same as output.dir=DIR)")
     p.add_argument(
         "--resume",
@@ -43,6 +45,7 @@ def load_run_config(args: argparse.Namespace):
     """The validated config of ``train`` / ``check`` arguments (file, --out, --resume, overrides)."""
     from flowopd.config import load_config
     from flowopd.errors import UserError, unknown
+    from flowopd.presets import resolve_config
 
     if args.algo not in ALGOS:
         raise unknown("algorithm", args.algo, ALGOS)
@@ -54,7 +57,8 @@ def load_run_config(args: argparse.Namespace):
         overrides.append(f"output.dir={args.out}")
     if args.resume:
         overrides.append("output.resume=true")
-    return load_config(_load(ALGOS[args.algo][0]), args.config, overrides)
+    cls = _load(ALGOS[args.algo][0])
+    return load_config(cls, resolve_config(args.config), overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,9 +26,15 @@ import time
 from pathlib import Path
 
 from flowopd.config import load_config
+from flowopd.presets import resolve_config
 from flowopd.recipes.pipeline_config import PipelineConfig, StageConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _load(cls, config: str, overrides: list[str]):
+    """A stage's config: a file, or a packaged preset (``configs/toy/opd.yaml``, ``toy/opd``)."""
+    return load_config(cls, resolve_config(config), overrides)
 
 
 def _done(run_dir: Path) -> bool:
@@ -170,7 +176,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         stage(
             f"teacher:{t.task}",
             run_dir,
-            lambda t=t, over=over: train_grpo(load_config(GRPOConfig, t.config, over)),
+            lambda t=t, over=over: train_grpo(_load(GRPOConfig, t.config, over)),
         )
         models[f"teacher:{t.task}"] = run_dir / "lora"
         curves[f"teacher:{t.task}"] = run_dir / "log.jsonl"
@@ -179,9 +185,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
     if cfg.mix.config:
         run_dir = out / "grpo_mix"
         over = _stage_overrides(cfg, cfg.mix, run_dir, budget)
-        stage(
-            "grpo-mix", run_dir, lambda: train_grpo(load_config(GRPOConfig, cfg.mix.config, over))
-        )
+        stage("grpo-mix", run_dir, lambda: train_grpo(_load(GRPOConfig, cfg.mix.config, over)))
         models["grpo-mix"] = run_dir / "lora"
         curves["grpo-mix"] = run_dir / "log.jsonl"
 
@@ -207,7 +211,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [
             _teachers_override(teachers, "sft")
         ]
-        stage("cold-start", run_dir, lambda: train_sft(load_config(SFTConfig, cs.sft.config, over)))
+        stage("cold-start", run_dir, lambda: train_sft(_load(SFTConfig, cs.sft.config, over)))
         init = str(run_dir / "lora")
     if init:
         models["cold-start"] = Path(init)
@@ -226,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         stage(
             label,
             run_dir,
-            lambda over=over: train_opd(load_config(OPDConfig, cfg.opd.config, over)),
+            lambda over=over: train_opd(_load(OPDConfig, cfg.opd.config, over)),
         )
         models[label] = run_dir / "lora"
         curves[label] = run_dir / "log.jsonl"
