@@ -26,7 +26,6 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 
@@ -210,20 +209,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL prompt file; a missing file or bad line is a one-line ``UserError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "prompt" not in rec:
-                raise UserError(f"{path}:{i}: expected an object with a 'prompt' key")
-            out.append(rec)
-    return out
+    """Read a JSONL prompt file (``flowopd.data.prompts.read_prompt_file`` in its ``jsonl``
+    format); a missing, empty or non-UTF-8 file or a bad line is a one-line ``UserError``."""
+    from flowopd.data.prompts import read_prompt_file
+
+    return read_prompt_file(path, "jsonl")
