@@ -152,24 +152,11 @@ class TinySD3Config:
     words: tuple[str, ...] = field(default_factory=lambda: DEFAULT_WORDS)
 
 
-def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
-    """A complete ``StableDiffusion3Pipeline`` with random weights, built offline.
+def _tiny_transformer(cfg: TinySD3Config, joint: int):
+    """The MMDiT of ``cfg`` (random weights from the current torch seed)."""
+    from diffusers import SD3Transformer2DModel
 
-    joint_attention_dim = 2 * clip_hidden (SD3 concatenates the two CLIP embeddings
-    and pads them to the T5 width); pooled_projection_dim = 2 * clip projection dim.
-    """
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    cfg = cfg or TinySD3Config()
-    joint = 2 * cfg.clip_hidden
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=cfg.sample_size,
         patch_size=cfg.patch_size,
         in_channels=cfg.in_channels,
@@ -183,65 +170,95 @@ def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
         pos_embed_max_size=cfg.pos_embed_max_size or max(cfg.sample_size // cfg.patch_size, 8),
         dual_attention_layers=tuple(cfg.dual_attention_layers),
         qk_norm=cfg.qk_norm,
-    )
-    tok = clip_tokenizer(cfg.words, cfg.clip_max_length)
-    vocab_size = len(tok.get_vocab())
+    ).eval()
+
+
+def _tiny_clip_encoders(cfg: TinySD3Config, tok, seed: int) -> list:
+    """The two CLIP text encoders (torch seeds ``seed + 1`` and ``seed + 2``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    bos = tok.convert_tokens_to_ids("<|startoftext|>")
     encoders = []
     for i in range(2):
         torch.manual_seed(seed + 1 + i)
         clip_cfg = CLIPTextConfig(
-            vocab_size=vocab_size,
+            vocab_size=len(tok.get_vocab()),
             hidden_size=cfg.clip_hidden,
             intermediate_size=2 * cfg.clip_hidden,
             num_hidden_layers=cfg.clip_layers,
             num_attention_heads=2,
             max_position_embeddings=cfg.clip_max_length,
             projection_dim=cfg.clip_hidden,
-            bos_token_id=bos,
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
             eos_token_id=eos,
             pad_token_id=eos,
         )
         encoders.append(CLIPTextModelWithProjection(clip_cfg).eval())
-    text_encoder_3 = tokenizer_3 = None
-    if cfg.t5:
-        tokenizer_3 = t5_tokenizer(cfg.words)
-        torch.manual_seed(seed + 3)
-        t5_cfg = T5Config(
-            vocab_size=len(tokenizer_3.get_vocab()),
-            d_model=joint,
-            d_kv=8,
-            d_ff=2 * joint,
-            num_layers=1,
-            num_heads=2,
-            dropout_rate=0.0,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        text_encoder_3 = T5EncoderModel(t5_cfg).eval()
-    vae = None
-    if cfg.vae:
-        torch.manual_seed(seed + 4)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * cfg.vae_blocks,
-            up_block_types=("UpDecoderBlock2D",) * cfg.vae_blocks,
-            block_out_channels=(8,) * cfg.vae_blocks,
-            latent_channels=cfg.in_channels,
-            layers_per_block=1,
-            norm_num_groups=4,
-            sample_size=cfg.sample_size * 2 ** (cfg.vae_blocks - 1),
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
+    return encoders
+
+
+def _tiny_t5(cfg: TinySD3Config, joint: int, seed: int):
+    """(T5 encoder, its tokenizer) of width ``joint`` (torch seed ``seed + 3``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer(cfg.words)
+    torch.manual_seed(seed + 3)
+    t5_cfg = T5Config(
+        vocab_size=len(tokenizer.get_vocab()),
+        d_model=joint,
+        d_kv=8,
+        d_ff=2 * joint,
+        num_layers=1,
+        num_heads=2,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(t5_cfg).eval(), tokenizer
+
+
+def _tiny_vae(cfg: TinySD3Config, seed: int):
+    """The VAE: ``vae_blocks`` blocks, ``2**(vae_blocks-1)`` x down-sampling (seed ``seed + 4``)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed + 4)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * cfg.vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * cfg.vae_blocks,
+        block_out_channels=(8,) * cfg.vae_blocks,
+        latent_channels=cfg.in_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=cfg.sample_size * 2 ** (cfg.vae_blocks - 1),
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+
+
+def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
+    """A complete ``StableDiffusion3Pipeline`` with random weights, built offline.
+
+    joint_attention_dim = 2 * clip_hidden (SD3 concatenates the two CLIP embeddings
+    and pads them to the T5 width); pooled_projection_dim = 2 * clip projection dim.
+    Each part draws its weights from its own torch seed (``seed`` .. ``seed + 4``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    cfg = cfg or TinySD3Config()
+    joint = 2 * cfg.clip_hidden
+    torch.manual_seed(seed)
+    transformer = _tiny_transformer(cfg, joint)
+    tok = clip_tokenizer(cfg.words, cfg.clip_max_length)
+    encoders = _tiny_clip_encoders(cfg, tok, seed)
+    text_encoder_3, tokenizer_3 = _tiny_t5(cfg, joint, seed) if cfg.t5 else (None, None)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift),
-        vae=vae,
+        vae=_tiny_vae(cfg, seed) if cfg.vae else None,
         text_encoder=encoders[0],
         tokenizer=tok,
         text_encoder_2=encoders[1],
@@ -249,4 +266,3 @@ def build_tiny_sd3_pipeline(cfg: TinySD3Config | None = None, seed: int = 0):
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
-    return pipe
