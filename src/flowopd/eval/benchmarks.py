@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from flowopd.engine import distributed as dist
+from flowopd.engine.logging import progress
 from flowopd.errors import UserError, unknown
 from flowopd.models.base import FlowModel
 from flowopd.rewards.base import RewardFn
@@ -312,7 +313,8 @@ def _run(
     k = plan.images_per_prompt
     mine = dist.shard_indices(plan.images, dist.rank(), dist.world_size())  # image g: prompt g // k
     local, local_q, kept, sampled = [torch.zeros(0)], [torch.zeros(0)], [], 0
-    for start in range(0, len(mine), settings.batch_size):
+    starts = range(0, len(mine), settings.batch_size)
+    for start in progress(starts, f"eval {name} ({len(mine)} images, {len(starts)} batches)"):
         batch = mine[start : start + settings.batch_size]
         batch_recs = [recs[g // k] for g in batch]
         prompts = [r["prompt"] for r in batch_recs]

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowopd.engine.logging import progress as progress_bar
 from flowopd.models.tiny import TinySD3Config
 from flowopd.world.noise import DEFAULT_RATES
 
@@ -243,7 +244,7 @@ def pretrain(cfg: PretrainConfig, log=None):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     start, hist, step = time.time(), [], 0
-    for step, (prompts, x0) in enumerate(_batches(cfg, 1), 1):
+    for step, (prompts, x0) in enumerate(progress_bar(_batches(cfg, 1), "pretrain", cfg.steps), 1):
         minutes = (time.time() - start) / 60
         progress = max(step / cfg.steps, minutes / cfg.minutes)
         lr = cfg.lr * min(1.0, step / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
