@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_all(args: argparse.Namespace, names: list[str], settings) -> None:
     from flowopd.cli.common import load_model_from_args
     from flowopd.engine import distributed as dist
+    from flowopd.engine.logging import library_log_to
     from flowopd.eval.benchmarks import benchmark_records, evaluate, plan_for, protocol_record
     from flowopd.eval.report import format_table, save_grid, write_json
 
@@ -127,6 +128,8 @@ def _evaluate_all(args: argparse.Namespace, names: list[str], settings) -> None:
             plan = plan_for(name, len(benchmark_records(name, args.n)), settings, model)
             print(f"{name}: {plan.describe()} on {dist.world_size()} process(es)", flush=True)
     runs = [("base", None)] if not args.lora else []
+    if main and args.lora:
+        library_log_to(args.out)  # peft's warning on the second adapter, out of the console
     for i, path in enumerate(args.lora):
         model.load_adapter(path, f"lora{i}")
         runs.append((Path(path).name or f"lora{i}", f"lora{i}"))

@@ -22,15 +22,25 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from flowopd.engine.distributed import is_main_process
 
-__all__ = ["RunLogger", "format_stats", "progress"]
+__all__ = ["RunLogger", "format_stats", "library_log_to", "library_warnings", "progress"]
 
 log = logging.getLogger("flowopd")
+# Library warnings a user cannot act on: never the console, only OUT/library.log of a run.
+library_log = logging.getLogger("flowopd.library")
+library_log.propagate = False
+library_log.addHandler(logging.NullHandler())
+LIBRARY_LOG = "library.log"
+# Messages (their start) of those warnings. peft warns on every adapter after the first;
+# several named adapters on one model (teachers, anchors, evaluated stages) is by design.
+LIBRARY_NOISE: tuple[str, ...] = ("Already found a `peft_config`",)
 T = TypeVar("T")
 
 _warned_no_tensorboard = False
@@ -108,6 +118,35 @@ def format_stats(epoch: int, stats: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def library_log_to(out_dir: str | os.PathLike) -> None:
+    """Send library warnings (``library_warnings``) to ``out_dir/library.log`` from now on,
+    in place of the previous run's file; the file is created at the first warning."""
+    for h in [h for h in library_log.handlers if isinstance(h, logging.FileHandler)]:
+        library_log.removeHandler(h)
+        h.close()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(out_dir) / LIBRARY_LOG, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    library_log.addHandler(handler)
+
+
+@contextmanager
+def library_warnings(noise: tuple[str, ...] = LIBRARY_NOISE) -> Iterator[None]:
+    """Inside, a warning whose message starts with one of ``noise`` goes to the library log
+    (``library_log_to``), not stderr; every other warning shows as usual."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def route(message, category, filename, lineno, file=None, line=None):
+            if str(message).startswith(noise):
+                library_log.warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = route
+        yield
+
+
 class RunLogger:
     """Appends one record per epoch to ``out_dir/log.jsonl``, ``out_dir/tensorboard/`` and
     prints one line. ``enabled`` defaults to :func:`is_main_process`; a disabled logger
@@ -127,6 +166,7 @@ class RunLogger:
         self._writer: Any = None  # SummaryWriter, created on first use
         if self.enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            library_log_to(self.out_dir)
 
     @property
     def path(self) -> Path:

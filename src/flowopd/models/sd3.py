@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flowopd.engine.logging import library_warnings
 from flowopd.errors import UserError, unknown
 from flowopd.models import adapters as ad
 from flowopd.models.base import Cond
@@ -504,7 +505,8 @@ class SD3Model:
             raise UserError(f"adapter '{name}' already exists")
         ad.read_safetensors_header(p if p.is_file() else p / LORA_WEIGHTS)
         try:
-            self.pipe.load_lora_weights(str(p), adapter_name=name)
+            with library_warnings():  # peft's warning on every adapter after the first
+                self.pipe.load_lora_weights(str(p), adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"could not load LoRA '{path}': {str(e).splitlines()[0]}") from None
         for prm in ad.adapter_parameters(self.transformer, name):

@@ -259,6 +259,7 @@ def evaluate_models(
 ) -> dict:
     """metrics.json of each model (cached in eval_dir/<model>/), evaluated on one base model."""
     from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import library_log_to
     from flowopd.eval.benchmarks import EvalSettings, evaluate
     from flowopd.eval.report import format_table, save_grid, write_json
     from flowopd.models import load_model
@@ -285,6 +286,7 @@ def evaluate_models(
             results[name] = json.loads(metrics_file.read_text())
             continue
         if model is None:
+            library_log_to(eval_dir)  # library warnings of the evaluations: eval/library.log
             model = load_model(resolve_model_path(cfg.model))
         adapter = None
         if lora is not None:
