@@ -37,10 +37,13 @@ def test_outside_the_context_nothing_is_routed(tmp_path, recwarn):
     assert len(recwarn) == 1 and not (tmp_path / LIBRARY_LOG).exists()
 
 
-def test_adapters_after_the_first_load_without_the_peft_warning(tiny_model, tmp_path, recwarn):
+def test_adapters_after_the_first_add_and_load_without_the_peft_warning(
+    tiny_model, tmp_path, recwarn
+):
     tiny_model.add_adapter("a", rank=2, alpha=2)
     lora = tmp_path / "lora"
     tiny_model.save_adapter("a", lora)
     tiny_model.load_adapter(str(lora), "b")
     tiny_model.load_adapter(str(lora), "c")
+    tiny_model.add_adapter("d", rank=2, alpha=2)
     assert not [w for w in recwarn if "peft_config" in str(w.message)]

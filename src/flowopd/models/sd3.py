@@ -489,7 +489,8 @@ class SD3Model:
             init_lora_weights=init,
             target_modules=list(target_modules or ad.SD3_TARGETS),
         )
-        self.transformer.add_adapter(config, adapter_name=name)
+        with library_warnings():  # peft's warning on every adapter after the first
+            self.transformer.add_adapter(config, adapter_name=name)
         for p in ad.adapter_parameters(self.transformer, name):
             p.data = p.data.float()  # LoRA weights stay float32 under a bf16/fp16 base
         self._restore_active()
