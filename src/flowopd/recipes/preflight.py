@@ -435,8 +435,8 @@ def check_lora_header(path: str, key: str, arch: Any = None) -> int:
     """Tensors in a LoRA's safetensors file, read from its JSON header (no tensor loaded);
     a one-line ``UserError`` naming the file when it is not a readable safetensors file, or
     (given the model's ``perf.MMDiTArch``) when it was trained on another architecture."""
+    from flowopd.config.opd import LORA_WEIGHTS, check_lora_path
     from flowopd.models.adapters import read_safetensors_header
-    from flowopd.recipes.opd_config import LORA_WEIGHTS, check_lora_path
 
     check_lora_path(path, key)
     p = Path(path).expanduser()

@@ -18,7 +18,7 @@ from flowopd.models.base import FlowModel
 from flowopd.paths import resolve_model_path
 from flowopd.rewards.base import RewardFn, get_reward
 
-# ModelConfig switches passed to the backend's from_pretrained when set (see grpo_config)
+# ModelConfig switches passed to the backend's from_pretrained when set (see config/sections.py)
 SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward")
 
 

@@ -30,18 +30,20 @@ from typing import Literal
 import torch
 
 from flowopd.algorithms.crd import EmaDecays, ema_decays
-from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import (
+from flowopd.config.grpo import GRPOConfig
+from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
-    GRPOConfig,
     ModelConfig,
     OutputConfig,
     RewardConfig,
     SampleConfig,
     TrainConfig,
-    _help,
 )
+from flowopd.config.sections import (
+    help_field as _help,
+)
+from flowopd.errors import UserError
 from flowopd.sde import timesteps
 
 __all__ = [

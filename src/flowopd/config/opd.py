@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import (
-    GRPOConfig,
+from flowopd.config.grpo import GRPOConfig
+from flowopd.config.sections import (
     OutputConfig,
     TrainConfig,
-    _help,
 )
+from flowopd.config.sections import (
+    help_field as _help,
+)
+from flowopd.errors import UserError
 
 __all__ = [
     "TeacherConfig",
