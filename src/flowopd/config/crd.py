@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from flowopd.algorithms.crd import EmaDecays, ema_decays
-from flowopd.config.grpo import GRPOConfig
+from flowopd.config.layout import EpochLayout
 from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
@@ -39,6 +39,7 @@ from flowopd.config.sections import (
     RewardConfig,
     SampleConfig,
     TrainConfig,
+    check_rewards,
 )
 from flowopd.config.sections import (
     help_field as _help,
@@ -262,23 +263,20 @@ class CRDConfig:
 
     # -- derived values: the epoch layout is GRPO's ---------------------------------------
 
-    def _layout(self) -> GRPOConfig:
-        """A GRPOConfig over the shared sections (not validated): GRPO's derived values and
-        divisibility rules apply unchanged to CRD's epoch."""
-        return GRPOConfig(
-            model=self.model, data=self.data, reward=self.reward, sample=self.sample,
-            train=self.train, eval=self.eval, output=self.output,
-        )  # fmt: skip
+    @property
+    def layout(self) -> EpochLayout:
+        """The epoch layout of ``sample:`` and ``train:``: GRPO's rules apply unchanged."""
+        return EpochLayout.of(self.sample, self.train)
 
     @property
     def images_per_epoch(self) -> int:
         """prompts_per_epoch x group_size, over all processes (48 x 24 = 1152)."""
-        return self._layout().images_per_epoch
+        return self.layout.images_per_epoch
 
     @property
     def train_batch_size(self) -> int:
         """Training minibatch per process (train.batch_size, else sample.batch_size)."""
-        return self._layout().train_batch_size
+        return self.layout.train_batch_size
 
     @property
     def groups_per_batch(self) -> int:
@@ -286,23 +284,23 @@ class CRDConfig:
         return self.train_batch_size // self.sample.group_size
 
     def prompts_per_process(self, world_size: int = 1) -> int:
-        return self._layout().prompts_per_process(world_size)
+        return self.layout.prompts_per_process(world_size)
 
     def images_per_process(self, world_size: int = 1) -> int:
-        return self._layout().images_per_process(world_size)
+        return self.layout.images_per_process(world_size)
 
     def gradient_accumulation_steps(self, world_size: int = 1) -> int:
         """Minibatches per optimizer step (see ``GRPOConfig.gradient_accumulation_steps``)."""
-        return self._layout().gradient_accumulation_steps(world_size)
+        return self.layout.gradient_accumulation_steps(world_size)
 
     def optimizer_steps_per_epoch(self, world_size: int = 1) -> int:
-        return self._layout().optimizer_steps_per_epoch(world_size)
+        return self.layout.optimizer_steps_per_epoch(world_size)
 
     # -- checks -------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already)."""
-        self._layout()._check_rewards()
+        check_rewards(self.reward, self.data)
         self.eval.resolved_benchmarks(self.data.test)
         defaults = {"train": CRDTrainConfig(), "sample": CRDSampleConfig()}
         for section, name in _GRPO_ONLY:
@@ -346,4 +344,4 @@ class CRDConfig:
                 f"implicit reward over all images of a prompt, so a minibatch must hold whole "
                 f"prompt groups; use {multiples}, ..."
             )
-        self._layout().check_distributed(world_size)
+        self.layout.check(world_size)

@@ -29,6 +29,7 @@ __all__ = [
     "OutputConfig",
     "SD3_LORA_TARGETS",
     "check_benchmarks",
+    "check_rewards",
 ]
 
 # Flow-GRPO's targets: the joint attention's image-stream q/k/v/out and text (context)
@@ -42,12 +43,6 @@ def help_field(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
-
-
-def divisors(n: int, limit: int = 12) -> str:
-    divs = [d for d in range(1, n + 1) if n % d == 0]
-    shown = divs[:limit]
-    return ", ".join(map(str, shown)) + (", ..." if len(divs) > limit else "")
 
 
 # --------------------------------------------------------------------------------------
@@ -597,3 +592,44 @@ class OutputConfig:
             raise UserError("output.dir is empty; set output.dir=DIR")
         if self.checkpoint_every < 0 or self.keep_last < 0:
             raise UserError("output.checkpoint_every and output.keep_last must be >= 0")
+
+
+def check_rewards(reward: RewardConfig, data: DataConfig) -> None:
+    """UserError unless every reward named (reward: and data.datasets[i].reward) is
+    registered, the weights are finite and not all 0, and reward.options names used ones."""
+    from flowopd.rewards.base import available_rewards  # lazy: keeps config import light
+
+    available = available_rewards()
+    names = [(f"reward.{k}", n) for k, n in _reward_items(reward)]
+    names += [
+        (f"data.datasets.{i}.reward", d.reward) for i, d in enumerate(data.datasets) if d.reward
+    ]
+    for key, name in names:
+        if name not in available:
+            raise UserError(f"{key}: {unknown('reward', name, available)}")
+    for name, w in reward.weights.items():
+        if w != w or w in (float("inf"), float("-inf")):
+            raise UserError(f"reward.weights.{name} must be a finite number, got {w}")
+    if reward.weights and not any(reward.weights.values()):
+        raise UserError("reward.weights are all 0; give at least one reward a weight")
+    if reward.mode == "none":
+        missing = [i for i, d in enumerate(data.datasets) if not d.reward]
+        if not data.datasets or missing:
+            where = f" (data.datasets {missing} have no reward)" if data.datasets else ""
+            raise UserError(
+                "missing reward: set reward=NAME, reward.weights={NAME: W, ...} or "
+                f"reward.routing={{TASK: NAME, ...}}{where}"
+            )
+    unknown_opts = set(reward.options) - {n for _, n in names}
+    if unknown_opts:
+        raise UserError(
+            f"reward.options names reward(s) {sorted(unknown_opts)} that the run does "
+            "not use; remove them or fix the name"
+        )
+
+
+def _reward_items(r: RewardConfig) -> list[tuple[str, str]]:
+    items = [("name", r.name)] if r.name else []
+    items += [(f"weights.{n}", n) for n in r.weights]
+    items += [(f"routing.{t}", n) for t, n in r.routing.items()]
+    return items

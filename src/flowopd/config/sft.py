@@ -18,15 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flowopd.config.layout import divisors as _divisors
 from flowopd.config.opd import TeacherConfig, teacher_table
 from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
-)
-from flowopd.config.sections import (
-    divisors as _divisors,
 )
 from flowopd.config.sections import (
     help_field as _help,
