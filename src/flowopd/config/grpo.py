@@ -13,22 +13,58 @@ How an epoch is laid out (what the divisibility rules below protect):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from flowopd.config.layout import EpochLayout
+from flowopd.config.layout import EpochLayoutMixin
 from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
     RewardConfig,
+    RolloutOptimConfig,
     SampleConfig,
-    TrainConfig,
     check_rewards,
+    check_timestep_fraction,
+    check_trained_steps,
+    trained_steps,
 )
 from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
 
-__all__ = ["GRPOConfig"]
+__all__ = ["GRPOTrainConfig", "GRPOConfig"]
+
+
+@dataclass
+class GRPOTrainConfig(RolloutOptimConfig):
+    """Optimisation with the clipped GRPO objective: the shared ``train:`` settings plus
+    the PPO clip, the KL to the base model, the advantage normaliser and the trained steps."""
+
+    clip_range: float = _help("PPO ratio clip eps (1e-4 for the SDE, 1e-5 for CPS).", 1e-4)
+    beta_kl: float = _help(
+        "KL weight to the base model (0.04 GenEval/OCR, 0.01 PickScore; 0 = no reference forward).",
+        0.04,
+    )
+    kl_form: Literal["public", "exact"] = _help(
+        "KL per step: 'public' = ||dmean||^2 / (2 std^2) as the public code (no dt factor), "
+        "'exact' = the Gaussian KL ||dmean||^2 / (2 std^2 (-dt)).",
+        "public",
+    )
+    adv_std: Literal["global", "group"] = _help(
+        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
+        "global",
+    )
+    timestep_fraction: float = _help(
+        "Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99
+    )
+
+    def validate(self) -> None:
+        check_timestep_fraction(self.timestep_fraction)
+        if self.clip_range <= 0:
+            raise UserError(f"train.clip_range must be > 0, got {self.clip_range}")
+        if self.beta_kl < 0:
+            raise UserError(f"train.beta_kl must be >= 0, got {self.beta_kl}")
+        super().validate()
 
 
 # --------------------------------------------------------------------------------------
@@ -36,65 +72,25 @@ __all__ = ["GRPOConfig"]
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(EpochLayoutMixin):
     """A Flow-GRPO run (SD3.5-M defaults of METHODS.md §2)."""
 
     model: ModelConfig = _help("Base model and LoRA.", factory=ModelConfig)
     data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
     reward: RewardConfig = _help("Reward.", factory=RewardConfig)
     sample: SampleConfig = _help("Rollouts.", factory=SampleConfig)
-    train: TrainConfig = _help("Optimisation.", factory=TrainConfig)
+    train: GRPOTrainConfig = _help("Optimisation.", factory=GRPOTrainConfig)
     eval: EvalConfig = _help("Evaluation.", factory=EvalConfig)
     output: OutputConfig = _help("Outputs.", factory=OutputConfig)
 
-    # -- derived values -----------------------------------------------------------------
-
-    @property
-    def layout(self) -> EpochLayout:
-        """The epoch layout of ``sample:`` and ``train:`` (batch sizes, accumulation)."""
-        return EpochLayout.of(self.sample, self.train)
-
-    @property
-    def images_per_epoch(self) -> int:
-        """prompts_per_epoch x group_size, over all processes (48 x 24 = 1152)."""
-        return self.layout.images_per_epoch
-
     @property
     def trained_steps(self) -> int:
-        """Denoising steps trained per trajectory: the window size in Fast mode, else
-        int(num_steps x timestep_fraction) (10 x 0.99 -> 9)."""
-        if self.sample.sde_window_size:
-            return self.sample.sde_window_size
-        return int(self.sample.num_steps * self.train.timestep_fraction)
-
-    @property
-    def train_batch_size(self) -> int:
-        """Training minibatch per process (train.batch_size, else sample.batch_size)."""
-        return self.layout.train_batch_size
-
-    def prompts_per_process(self, world_size: int = 1) -> int:
-        return self.layout.prompts_per_process(world_size)
-
-    def images_per_process(self, world_size: int = 1) -> int:
-        return self.layout.images_per_process(world_size)
-
-    def sampling_batches(self, world_size: int = 1) -> int:
-        return self.layout.sampling_batches(world_size)
-
-    def minibatches_per_pass(self, world_size: int = 1) -> int:
-        return self.layout.minibatches_per_pass(world_size)
-
-    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
-        return self.layout.gradient_accumulation_steps(world_size)
-
-    def optimizer_steps_per_epoch(self, world_size: int = 1) -> int:
-        return self.layout.optimizer_steps_per_epoch(world_size)
-
-    # -- checks -------------------------------------------------------------------------
+        """Denoising steps trained per trajectory (window size, else 10 x 0.99 -> 9)."""
+        return trained_steps(self.sample, self.train.timestep_fraction)
 
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already; see validate_config)."""
-        self._check_rewards()
+        check_rewards(self.reward, self.data)
         self.eval.resolved_benchmarks(self.data.test)
         if self.sample.kind == "cps" and self.train.kl_form == "exact" and self.train.beta_kl:
             raise UserError(
@@ -102,20 +98,7 @@ class GRPOConfig:
                 "sigma_t sqrt(-dt)); a CPS step's std carries no dt, so its KL is the 'public' "
                 "form: set train.kl_form=public with sample.kind=cps"
             )
-        if not self.sample.sde_window_size and self.trained_steps < 1:
-            raise UserError(
-                f"train.timestep_fraction={self.train.timestep_fraction} trains "
-                f"int({self.sample.num_steps} x {self.train.timestep_fraction}) = 0 steps; "
-                "raise it so at least one step is trained"
-            )
+        check_trained_steps(self.sample, self.train.timestep_fraction)
         # Every divisibility rule that holds for W processes also holds for W = 1, so the
         # single-process check here catches what no process count can fix.
         self.check_distributed(1)
-
-    def _check_rewards(self) -> None:
-        check_rewards(self.reward, self.data)
-
-    def check_distributed(self, world_size: int) -> None:
-        """Raise UserError unless the epoch splits evenly over ``world_size`` processes
-        (the rules of :meth:`EpochLayout.check`)."""
-        self.layout.check(world_size)

@@ -17,10 +17,11 @@ a=6, 2 steps. ``check(W)`` raises a one-line UserError unless every division is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flowopd.errors import UserError
 
-__all__ = ["EpochLayout", "divisors"]
+__all__ = ["EpochLayout", "EpochLayoutMixin", "divisors"]
 
 
 def divisors(n: int, limit: int = 12) -> str:
@@ -137,3 +138,49 @@ class EpochLayout:
                 f"train.gradient_accumulation={acc} must divide the minibatches per process "
                 f"and epoch ({n} / {mb} = {passes}); choose one of {divisors(passes)}"
             )
+
+
+class EpochLayoutMixin:
+    """The derived values of a run config with ``sample:`` and ``train:`` sections, read
+    from its :class:`EpochLayout` (GRPO, OPD and CRD share it; none inherits another)."""
+
+    sample: Any
+    train: Any
+
+    @property
+    def layout(self) -> EpochLayout:
+        """The epoch layout of ``sample:`` and ``train:`` (batch sizes, accumulation)."""
+        return EpochLayout.of(self.sample, self.train)
+
+    @property
+    def images_per_epoch(self) -> int:
+        """prompts_per_epoch x group_size, over all processes (48 x 24 = 1152)."""
+        return self.layout.images_per_epoch
+
+    @property
+    def train_batch_size(self) -> int:
+        """Training minibatch per process (train.batch_size, else sample.batch_size)."""
+        return self.layout.train_batch_size
+
+    def prompts_per_process(self, world_size: int = 1) -> int:
+        return self.layout.prompts_per_process(world_size)
+
+    def images_per_process(self, world_size: int = 1) -> int:
+        return self.layout.images_per_process(world_size)
+
+    def sampling_batches(self, world_size: int = 1) -> int:
+        return self.layout.sampling_batches(world_size)
+
+    def minibatches_per_pass(self, world_size: int = 1) -> int:
+        return self.layout.minibatches_per_pass(world_size)
+
+    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
+        return self.layout.gradient_accumulation_steps(world_size)
+
+    def optimizer_steps_per_epoch(self, world_size: int = 1) -> int:
+        return self.layout.optimizer_steps_per_epoch(world_size)
+
+    def check_distributed(self, world_size: int) -> None:
+        """Raise UserError unless the epoch splits evenly over ``world_size`` processes
+        (the rules of :meth:`EpochLayout.check`)."""
+        self.layout.check(world_size)

@@ -18,7 +18,10 @@ error is one line naming the key and the fix, e.g.
 ``unknown config key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': ...``.
 
 A dataclass may set ``_shorthand: ClassVar[str] = "name"`` so that a scalar given where
-the section is expected fills that one field (``reward: ocr`` == ``reward: {name: ocr}``).
+the section is expected fills that one field (``reward: ocr`` == ``reward: {name: ocr}``),
+and ``_moved: ClassVar[dict[str, str]]`` for keys it no longer has: loading
+``train.beta_kl`` where ``_moved = {"beta_kl": "moved to crd.beta_kl"}`` (in YAML or as
+an override) raises ``train.beta_kl moved to crd.beta_kl``.
 """
 
 from __future__ import annotations
@@ -211,6 +214,9 @@ def _where(where: str) -> str:
 def _unknown_key(cls: type, key: str, prefix: str, where: str) -> UserError:
     names = [f.name for f in dataclasses.fields(cls)]
     full = _join(prefix, key)
+    moved = getattr(cls, "_moved", {}).get(key)
+    if moved:  # a key this section had once: say where it went
+        return UserError(f"{full} {moved}{_where(where)}")
     # 'lr=1e-4' at the top level: point to the section that has exactly that key, before
     # guessing a near spelling in this section, then a near spelling in a nested section.
     exact = [p for p in _leaf_paths(cls, prefix) if p.rpartition(".")[2] == key]

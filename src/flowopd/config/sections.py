@@ -24,7 +24,11 @@ __all__ = [
     "DataConfig",
     "RewardConfig",
     "SampleConfig",
-    "TrainConfig",
+    "OptimConfig",
+    "RolloutOptimConfig",
+    "trained_steps",
+    "check_trained_steps",
+    "check_timestep_fraction",
     "EvalConfig",
     "OutputConfig",
     "SD3_LORA_TARGETS",
@@ -398,41 +402,15 @@ class SampleConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation: AdamW on the LoRA weights with the clipped GRPO objective."""
+class OptimConfig:
+    """Optimisation (the ``train:`` section): AdamW on the LoRA weights, the epoch's
+    minibatches and accumulation, EMA, the non-finite guard and the seed. Each algorithm
+    adds the knobs of its own objective in a subclass (``GRPOTrainConfig``, ...)."""
 
     lr: float = help_field("AdamW learning rate.", 3e-4)
     betas: tuple[float, float] = help_field("AdamW betas.", (0.9, 0.999))
     weight_decay: float = help_field("AdamW weight decay.", 1e-4)
     max_grad_norm: float = help_field("Gradient-norm clip (0 = off).", 1.0)
-    clip_range: float = help_field("PPO ratio clip eps (1e-4 for the SDE, 1e-5 for CPS).", 1e-4)
-    beta_kl: float = help_field(
-        "KL weight to the base model (0.04 GenEval/OCR, 0.01 PickScore; 0 = no reference forward).",
-        0.04,
-    )
-    kl_form: Literal["public", "exact"] = help_field(
-        "KL per step: 'public' = ||dmean||^2 / (2 std^2) as the public code (no dt factor), "
-        "'exact' = the Gaussian KL ||dmean||^2 / (2 std^2 (-dt)).",
-        "public",
-    )
-    cfg_grad: Literal["cond", "both"] = help_field(
-        "Gradient through the CFG pair v = v_u + w (v_c - v_u) of the training forward: "
-        "'cond' (Flow-GRPO's training code) detaches the unconditional prediction, so the "
-        "LoRA gradient is w dv_c (text-conditioned branch only); 'both' differentiates the "
-        "whole guided velocity, (1 - w) dv_u + w dv_c. The forward value is the same either "
-        "way (ratio 1 at the first step). So is the compute under model.cfg_forward=batched "
-        "(the backward still runs through the unconditional rows); with split, 'cond' skips "
-        "the unconditional backward. No effect without CFG (guidance_scale <= 1).",
-        "cond",
-    )
-    adv_std: Literal["global", "group"] = help_field(
-        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
-        "global",
-    )
-    adv_clip: float = help_field("Advantages are clipped to +-adv_clip.", 5.0)
-    timestep_fraction: float = help_field(
-        "Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99
-    )
     batch_size: int | None = help_field(
         "Training minibatch (trajectories) per process; null = sample.batch_size.", None
     )
@@ -461,21 +439,11 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        if not 0 < self.timestep_fraction <= 1:
-            raise UserError(
-                f"train.timestep_fraction must be in (0, 1], got {self.timestep_fraction}"
-            )
-        for name in ("lr", "clip_range"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "beta_kl"):
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.adv_clip <= 0:
-            raise UserError(
-                f"train.adv_clip must be > 0 (advantages are clipped to +-adv_clip; 0 zeroes "
-                f"every one), got {self.adv_clip}"
-            )
         if not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
         for name in ("inner_epochs", "optimizer_steps_per_epoch", "ema_every", "max_nonfinite"):
@@ -494,6 +462,55 @@ class TrainConfig:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.seed < 0:
             raise UserError(f"train.seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class RolloutOptimConfig(OptimConfig):
+    """Optimisation on scored rollouts (GRPO, OPD, CRD): the shared settings plus the
+    advantage clip and the gradient path through classifier-free guidance."""
+
+    cfg_grad: Literal["cond", "both"] = help_field(
+        "Gradient through the CFG pair v = v_u + w (v_c - v_u) of the training forward: "
+        "'cond' (Flow-GRPO's training code) detaches the unconditional prediction, so the "
+        "LoRA gradient is w dv_c (text-conditioned branch only); 'both' differentiates the "
+        "whole guided velocity, (1 - w) dv_u + w dv_c. The forward value is the same either "
+        "way (ratio 1 at the first step). So is the compute under model.cfg_forward=batched "
+        "(the backward still runs through the unconditional rows); with split, 'cond' skips "
+        "the unconditional backward. No effect without CFG (guidance_scale <= 1).",
+        "cond",
+    )
+    adv_clip: float = help_field("Advantages are clipped to +-adv_clip.", 5.0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.adv_clip <= 0:
+            raise UserError(
+                f"train.adv_clip must be > 0 (advantages are clipped to +-adv_clip; 0 zeroes "
+                f"every one), got {self.adv_clip}"
+            )
+
+
+def trained_steps(sample: SampleConfig, timestep_fraction: float) -> int:
+    """Denoising steps trained per trajectory: the window size in Fast mode, else
+    int(num_steps x timestep_fraction) (10 x 0.99 -> 9)."""
+    if sample.sde_window_size:
+        return sample.sde_window_size
+    return int(sample.num_steps * timestep_fraction)
+
+
+def check_trained_steps(sample: SampleConfig, timestep_fraction: float) -> None:
+    """UserError when ``train.timestep_fraction`` leaves no denoising step to train."""
+    if not sample.sde_window_size and trained_steps(sample, timestep_fraction) < 1:
+        raise UserError(
+            f"train.timestep_fraction={timestep_fraction} trains "
+            f"int({sample.num_steps} x {timestep_fraction}) = 0 steps; "
+            "raise it so at least one step is trained"
+        )
+
+
+def check_timestep_fraction(timestep_fraction: float) -> None:
+    if not 0 < timestep_fraction <= 1:
+        raise UserError(f"train.timestep_fraction must be in (0, 1], got {timestep_fraction}")
 
 
 @dataclass
