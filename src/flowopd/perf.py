@@ -806,12 +806,197 @@ class RunEstimate:
         return d
 
 
-def _get(obj: Any, dotted: str, default: Any) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return default
-    return obj
+@dataclass(frozen=True)
+class RunInputs:
+    """What an estimate reads from a run config (GRPO, OPD or CRD: the shared model:,
+    sample: and train: sections, the epoch layout, the rewards)."""
+
+    model: str
+    dtype: str
+    rank: int
+    targets: list[str]
+    checkpointing: bool
+    offload_text_encoders: bool
+    resolution: int | None
+    cfg_rows: int  # 2 under CFG (model.guidance_scale > 1), else 1
+    grad_rows: int  # CFG rows that run with autograd in training
+    prompts_per_epoch: int
+    group_size: int
+    num_steps: int
+    trained_steps: int
+    inner_epochs: int
+    train_batch_size: int
+    beta_kl: float  # > 0: one KL reference forward per trained step
+    adamw_8bit: bool
+    ema: bool
+    rewards: list[str]
+    weighted: bool  # reward.mode == "weighted": every image scored by every reward
+
+    @classmethod
+    def of(cls, cfg: Any) -> RunInputs:
+        from flowopd.config.grpo import GRPOTrainConfig
+        from flowopd.errors import UserError
+        from flowopd.paths import resolve_model_path
+
+        if not hasattr(cfg, "layout"):
+            raise UserError(
+                f"{type(cfg).__name__}: the estimate costs epochs of sampled prompt groups "
+                "(grpo, opd, crd); this config has none"
+            )
+        m, s, t, layout = cfg.model, cfg.sample, cfg.train, cfg.layout
+        cfg_rows = 2 if m.guidance_scale > 1.0 else 1
+        # model.cfg_forward=split with train.cfg_grad=cond runs the unconditional forward
+        # without autograd (no backward, no activations); batched CFG back-propagates
+        # through both halves whatever cfg_grad says
+        split_cond = m.cfg_forward == "split" and t.cfg_grad == "cond"
+        # GRPO and OPD train recorded trajectory steps; CRD trains on forward-noised
+        # samples, costed as GRPO's default int(num_steps x 0.99) steps
+        trained = cfg.trained_steps if hasattr(cfg, "trained_steps") else 0
+        return cls(
+            model=resolve_model_path(m.path),
+            dtype=_dtype_key(m.dtype),
+            rank=m.lora.rank,
+            targets=list(m.lora.target_modules),
+            checkpointing=m.gradient_checkpointing,
+            offload_text_encoders=m.offload_text_encoders,
+            resolution=m.resolution,
+            cfg_rows=cfg_rows,
+            grad_rows=1 if split_cond else cfg_rows,
+            prompts_per_epoch=layout.prompts_per_epoch,
+            group_size=layout.group_size,
+            num_steps=s.num_steps,
+            trained_steps=trained or max(1, int(s.num_steps * 0.99)),
+            inner_epochs=layout.inner_epochs,
+            train_batch_size=layout.train_batch_size,
+            beta_kl=t.beta_kl if isinstance(t, GRPOTrainConfig) else 0.0,
+            adamw_8bit=t.adamw_8bit,
+            ema=t.ema,
+            rewards=_reward_names(cfg),
+            weighted=cfg.reward.mode == "weighted",
+        )
+
+
+def _reward_names(cfg: Any) -> list[str]:
+    names = list(cfg.reward.names())
+    names += [d.reward for d in cfg.data.datasets if d.reward]
+    return list(dict.fromkeys(names))
+
+
+def _device_rate(
+    device: str, dtype: str, cpu_tflops: float | None, notes: list[str]
+) -> tuple[float, str, float | None]:
+    """(peak TFLOP/s, device name, memory GiB or None) of ``device``; cpu: a GEMM now."""
+    if device == "cpu":
+        peak = cpu_tflops if cpu_tflops is not None else cpu_matmul_tflops(dtype)
+        notes.append(f"cpu: no datasheet peak; {peak * 1e3:.1f} GFLOP/s measured with a GEMM")
+        return peak, "this CPU (matmul rate measured now)", None
+    if device not in DEVICES:
+        from flowopd.errors import unknown
+
+        raise unknown("device", device, [*DEVICES, "cpu"])
+    spec = DEVICES[device]
+    return spec.peak(dtype), spec.name, spec.memory_gib
+
+
+def _epoch_flops(
+    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, prompts: int
+) -> dict[str, int]:
+    """Per-row and per-epoch FLOPs of one process (the ``flops`` of a RunEstimate).
+
+    sampling = images x num_steps x rows x F_fwd + images x F_vae + (prompts + 1) x F_text
+    training = inner x images x trained x (grad_rows x F_train + (rows - grad_rows) x F_fwd
+               + rows x F_ref)
+    """
+    n_img, n_txt = image_tokens(arch, res, shape.vae_scale), shape.text_tokens
+    images = prompts * run.group_size
+    lora = {"lora_rank": run.rank, "lora_targets": run.targets}
+    f_fwd_lora = forward_flops(arch, n_img, n_txt, **lora)
+    f_fwd_base = forward_flops(arch, n_img, n_txt)
+    tf = train_step_flops(arch, n_img, n_txt, **lora, checkpointing=run.checkpointing)
+    f_vae = vae_decode_flops(shape.vae_config, res)
+    f_text = 2 * shape.text_encoder_params * n_txt  # encoders see their own tokens; upper bound
+    rows, grad_rows = run.cfg_rows, run.grad_rows
+    sample_flops = (
+        images * run.num_steps * rows * f_fwd_lora + images * f_vae + (prompts + 1) * f_text
+    )
+    ref = f_fwd_base if run.beta_kl > 0 else 0
+    train_flops = (
+        run.inner_epochs * images * run.trained_steps
+        * (grad_rows * tf.hardware + (rows - grad_rows) * f_fwd_lora + rows * ref)
+    )  # fmt: skip
+    return {
+        "forward_per_row": f_fwd_lora,
+        "forward_per_row_base": f_fwd_base,
+        "train_per_row_model": tf.model,
+        "train_per_row_recompute": tf.recompute,
+        "vae_decode_per_image": f_vae,
+        "sampling_per_epoch": sample_flops,
+        "training_per_epoch": train_flops,
+    }
+
+
+def _scoring_seconds(run: RunInputs, images: int, device: str, notes: list[str]) -> float:
+    """A weighted sum scores every image with every reward; one reward, task routing or
+    GRPO-Mix datasets score each image with one of them (their mean here)."""
+    per_image = [1.0 / reward_rate(r, device) for r in run.rewards]
+    if run.rewards:
+        notes.append(
+            "scoring rates are rough orders of magnitude (perf.REWARD_RATES), not measured"
+        )
+    if run.weighted:
+        return images * sum(per_image)
+    return images * sum(per_image) / max(1, len(per_image))
+
+
+def _memory(
+    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, images: int, device: str
+) -> dict[str, int]:
+    """Bytes per process by component, and ``peak`` (see :func:`estimate_run`)."""
+    db = dtype_bytes(run.dtype)
+    n_img, n_txt = image_tokens(arch, res, shape.vae_scale), shape.text_tokens
+    lora_n = lora_params(arch, run.rank, run.targets)
+    opt_state = 2 if run.adamw_8bit else 8
+    ema = 4 if run.ema else 0
+    side = res // shape.vae_scale
+    latent = arch.in_channels * side * side * 4
+    rollout_bytes = (
+        (run.num_steps + 1) * latent  # trajectory states
+        + run.num_steps * latent  # step means
+        + 3 * res * res * 4  # decoded images, float32
+        + (n_txt * arch.joint_attention_dim + arch.pooled_projection_dim) * 4  # cond
+    )
+    act_rows = run.train_batch_size * run.grad_rows
+    mem = {
+        "transformer": (transformer_params(arch) + pos_embed_elements(arch)) * db,
+        "vae": shape.vae_params * 4,
+        "text_encoders": 0 if run.offload_text_encoders else shape.text_encoder_params * 4,
+        "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
+        "activations": activation_bytes(arch, n_img, n_txt, act_rows, dtype_bytes=db, checkpointing=run.checkpointing),
+        "rollouts": images * rollout_bytes,
+        "runtime": RUNTIME_OVERHEAD_BYTES if device != "cpu" else 0,
+    }  # fmt: skip
+    steady = sum(mem.values())
+    # offloaded encoders come back for the epoch's encoding, before rollouts/activations exist
+    encoding = mem["transformer"] + mem["vae"] + mem["lora+grads+adamw+ema"] + mem["runtime"]
+    encoding += shape.text_encoder_params * 4
+    mem["peak"] = max(steady, encoding if run.offload_text_encoders else 0)
+    return mem
+
+
+def _memory_notes(
+    run: RunInputs, mem: dict[str, int], device: str, mem_cap: float | None, notes: list[str]
+) -> None:
+    if mem_cap is not None and mem["peak"] > mem_cap * GiB:
+        notes.append(
+            f"estimated peak {mem['peak'] / GiB:.1f} GiB exceeds the {mem_cap:.0f} GiB of a "
+            f"{device}: lower train.batch_size, enable model.gradient_checkpointing / "
+            "model.offload_text_encoders, or use more GPUs"
+        )
+    steady = sum(v for k, v in mem.items() if k != "peak")
+    if not run.checkpointing and mem["activations"] > 0.5 * steady:
+        notes.append(
+            "activations dominate: model.gradient_checkpointing trades ~1 extra forward for most of them"
+        )
 
 
 def estimate_run(
@@ -826,9 +1011,9 @@ def estimate_run(
 ) -> RunEstimate:
     """Peak memory per process and time per epoch of a GRPO-style run config.
 
-    Reads ``model.*``, ``sample.*``, ``train.*`` and the reward names of ``cfg`` (a
-    ``GRPOConfig`` or any config with those sections). Time per epoch, per process
-    (each of ``gpus`` processes samples P / gpus prompts x G images):
+    Reads the typed config through :class:`RunInputs` (``model:``, ``sample:``, ``train:``,
+    the epoch layout and the reward names of a GRPO, OPD or CRD config). Time per epoch,
+    per process (each of ``gpus`` processes samples P / gpus prompts x G images):
 
         sampling = images x num_steps x rows x F_fwd / R + images x F_vae / R + text
         scoring  = images / reward_rate(reward, device)          (rough table)
@@ -843,163 +1028,49 @@ def estimate_run(
     kept on the device (float32 states, means, images, text embeddings) and a fixed
     runtime overhead.
     """
-    from flowopd.paths import resolve_model_path
-
-    path = resolve_model_path(_get(cfg, "model.path", ""))
+    run = RunInputs.of(cfg)
     if arch is None or shape is None:
-        arch, shape = load_architecture(path)
-    dtype = _dtype_key(_get(cfg, "model.dtype", "bfloat16"))
-    db = dtype_bytes(dtype)
-    rank = int(_get(cfg, "model.lora.rank", 32))
-    targets = list(_get(cfg, "model.lora.target_modules", []))
-    ckpt = bool(_get(cfg, "model.gradient_checkpointing", False))
-    offload = bool(_get(cfg, "model.offload_text_encoders", False))
-    res = _get(cfg, "model.resolution", None) or arch.sample_size * shape.vae_scale
-    cfg_rows = 2 if float(_get(cfg, "model.guidance_scale", 4.5)) > 1.0 else 1
-    n_img = image_tokens(arch, res, shape.vae_scale)
-    n_txt = shape.text_tokens
-
+        arch, shape = load_architecture(run.model)
+    res = run.resolution or arch.sample_size * shape.vae_scale
     notes: list[str] = []
-    if device == "cpu":
-        peak = cpu_tflops if cpu_tflops is not None else cpu_matmul_tflops(dtype)
-        device_name = "this CPU (matmul rate measured now)"
-        mem_cap = None
-        notes.append(f"cpu: no datasheet peak; {peak * 1e3:.1f} GFLOP/s measured with a GEMM")
-    else:
-        if device not in DEVICES:
-            from flowopd.errors import unknown
-
-            raise unknown("device", device, [*DEVICES, "cpu"])
-        spec = DEVICES[device]
-        peak, device_name, mem_cap = spec.peak(dtype), spec.name, spec.memory_gib
+    peak, device_name, mem_cap = _device_rate(device, run.dtype, cpu_tflops, notes)
     if mfu is None:
         mfu = default_mfu(device)
     rate = peak * 1e12 * mfu
-
-    # -- work per process ------------------------------------------------------------------
-    P, G = int(_get(cfg, "sample.prompts_per_epoch", 48)), int(_get(cfg, "sample.group_size", 24))
+    P = run.prompts_per_epoch
     if P % gpus:
         from flowopd.errors import UserError
 
         raise UserError(f"sample.prompts_per_epoch={P} is not divisible by --gpus {gpus}")
     prompts = P // gpus
-    images = prompts * G
-    steps = int(_get(cfg, "sample.num_steps", 10))
-    trained = int(_get(cfg, "trained_steps", 0)) or max(1, int(steps * 0.99))
-    inner = int(_get(cfg, "train.inner_epochs", 1))
-    sample_bs = int(_get(cfg, "sample.batch_size", 24))
-    train_bs = int(_get(cfg, "train.batch_size", None) or sample_bs)
-    beta = float(_get(cfg, "train.beta_kl", 0.0))
-
-    f_fwd_lora = forward_flops(arch, n_img, n_txt, lora_rank=rank, lora_targets=targets)
-    f_fwd_base = forward_flops(arch, n_img, n_txt)
-    tf = train_step_flops(
-        arch, n_img, n_txt, lora_rank=rank, lora_targets=targets, checkpointing=ckpt
-    )
-    f_vae = vae_decode_flops(shape.vae_config, res)
-    f_text = 2 * shape.text_encoder_params * n_txt  # encoders see their own tokens; upper bound
-
-    sample_flops = images * steps * cfg_rows * f_fwd_lora + images * f_vae + (prompts + 1) * f_text
-    # CFG rows that run with autograd in training: model.cfg_forward=split with
-    # train.cfg_grad=cond runs the unconditional forward without it (no backward, no
-    # activations); batched CFG back-propagates through both halves whatever cfg_grad says
-    split = _get(cfg, "model.cfg_forward", "batched") == "split"
-    grad_rows = 1 if split and _get(cfg, "train.cfg_grad", "cond") == "cond" else cfg_rows
-    ref = f_fwd_base if beta > 0 else 0
-    train_flops = (
-        inner * images * trained
-        * (grad_rows * tf.hardware + (cfg_rows - grad_rows) * f_fwd_lora + cfg_rows * ref)
-    )  # fmt: skip
-    rewards = _reward_names(cfg)
-    per_image = [1.0 / reward_rate(r, device) for r in rewards]
-    # a weighted sum scores every image with every reward; one reward, task routing or
-    # GRPO-Mix datasets score each image with one of them (their mean here)
-    if _get(cfg, "reward.mode", "single") == "weighted":
-        score_s = images * sum(per_image)
-    else:
-        score_s = images * sum(per_image) / max(1, len(per_image))
-    if rewards:
-        notes.append(
-            "scoring rates are rough orders of magnitude (perf.REWARD_RATES), not measured"
-        )
-
-    # -- memory per process ----------------------------------------------------------------
-    lora_n = lora_params(arch, rank, targets)
-    opt_state = 2 if bool(_get(cfg, "train.adamw_8bit", False)) else 8
-    ema = 4 if bool(_get(cfg, "train.ema", True)) else 0
-    side = res // shape.vae_scale
-    latent = arch.in_channels * side * side * 4
-    rollout_bytes = (
-        (steps + 1) * latent  # trajectory states
-        + steps * latent  # step means
-        + 3 * res * res * 4  # decoded images, float32
-        + (n_txt * arch.joint_attention_dim + arch.pooled_projection_dim) * 4  # cond
-    )
-    mem = {
-        "transformer": (transformer_params(arch) + pos_embed_elements(arch)) * db,
-        "vae": shape.vae_params * 4,
-        "text_encoders": 0 if offload else shape.text_encoder_params * 4,
-        "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
-        "activations": activation_bytes(arch, n_img, n_txt, train_bs * grad_rows, dtype_bytes=db, checkpointing=ckpt),
-        "rollouts": images * rollout_bytes,
-        "runtime": RUNTIME_OVERHEAD_BYTES if device != "cpu" else 0,
-    }  # fmt: skip
-    steady = sum(mem.values())
-    # offloaded encoders come back for the epoch's encoding, before rollouts/activations exist
-    encoding = mem["transformer"] + mem["vae"] + mem["lora+grads+adamw+ema"] + mem["runtime"]
-    encoding += shape.text_encoder_params * 4
-    mem["peak"] = max(steady, encoding if offload else 0)
-    if mem_cap is not None and mem["peak"] > mem_cap * GiB:
-        notes.append(
-            f"estimated peak {mem['peak'] / GiB:.1f} GiB exceeds the {mem_cap:.0f} GiB of a "
-            f"{device}: lower train.batch_size, enable model.gradient_checkpointing / "
-            "model.offload_text_encoders, or use more GPUs"
-        )
-    if not ckpt and mem["activations"] > 0.5 * steady:
-        notes.append(
-            "activations dominate: model.gradient_checkpointing trades ~1 extra forward for most of them"
-        )
-
+    images = prompts * run.group_size
+    flops = _epoch_flops(run, arch, shape, res, prompts)
+    score_s = _scoring_seconds(run, images, device, notes)
+    mem = _memory(run, arch, shape, res, images, device)
+    _memory_notes(run, mem, device, mem_cap, notes)
     return RunEstimate(
-        model=path,
+        model=run.model,
         device=device,
         device_name=device_name,
         gpus=gpus,
-        dtype=dtype,
+        dtype=run.dtype,
         mfu=mfu,
         peak_tflops=peak,
         resolution=res,
-        image_tokens=n_img,
-        text_tokens=n_txt,
-        rows_per_image=cfg_rows,
+        image_tokens=image_tokens(arch, res, shape.vae_scale),
+        text_tokens=shape.text_tokens,
+        rows_per_image=run.cfg_rows,
         params=transformer_params(arch),
-        lora_params=lora_n,
-        flops={
-            "forward_per_row": f_fwd_lora,
-            "forward_per_row_base": f_fwd_base,
-            "train_per_row_model": tf.model,
-            "train_per_row_recompute": tf.recompute,
-            "vae_decode_per_image": f_vae,
-            "sampling_per_epoch": sample_flops,
-            "training_per_epoch": train_flops,
-        },
+        lora_params=lora_params(arch, run.rank, run.targets),
+        flops=flops,
         memory=mem,
         time_s={
-            "sampling": sample_flops / rate,
+            "sampling": flops["sampling_per_epoch"] / rate,
             "scoring": score_s,
-            "training": train_flops / rate,
+            "training": flops["training_per_epoch"] / rate,
         },
         notes=notes,
     )
-
-
-def _reward_names(cfg: Any) -> list[str]:
-    section = getattr(cfg, "reward", None)
-    names = list(section.names()) if section is not None and hasattr(section, "names") else []
-    for d in _get(cfg, "data.datasets", []) or []:
-        if getattr(d, "reward", ""):
-            names.append(d.reward)
-    return list(dict.fromkeys(names))
 
 
 def si(x: float) -> str:
