@@ -22,6 +22,11 @@ the section is expected fills that one field (``reward: ocr`` == ``reward: {name
 and ``_moved: ClassVar[dict[str, str]]`` for keys it no longer has: loading
 ``train.beta_kl`` where ``_moved = {"beta_kl": "moved to crd.beta_kl"}`` (in YAML or as
 an override) raises ``train.beta_kl moved to crd.beta_kl``.
+
+Why not a library: pydantic, omegaconf, tyro, draccus and jsonargparse each do part of
+this, but none gives one-line errors with a near-spelling hint, the ``key=value`` override
+syntax the CLI and pipeline use, ``Literal`` / tuple / union coercion and NaN rejection
+together; the commit that split this package says more.
 """
 
 from __future__ import annotations
