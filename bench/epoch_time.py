@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(model_path: str, out: Path, epochs: int, overrides: list[str]) -> dict:
     from flowopd.config import load_config
+    from flowopd.config.grpo import GRPOConfig
     from flowopd.recipes.grpo import train_grpo
-    from flowopd.recipes.grpo_config import GRPOConfig
 
     cfg = load_config(
         GRPOConfig,

@@ -109,10 +109,10 @@ def build_model(arch: MMDiTArch, device: torch.device, dtype: str, args: argpars
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from flowopd.algorithms import grpo_loss
+    from flowopd.config.sections import SD3_LORA_TARGETS
     from flowopd.engine.optim import make_optimizer
     from flowopd.models.base import Cond
     from flowopd.recipes.common import rescore_step
-    from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
     from flowopd.sampling import sample
 
     size = SIZES[args.size]

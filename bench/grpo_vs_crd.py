@@ -41,10 +41,10 @@ ALGOS = ("grpo", "crd")
 
 def _config_class(algo: str):
     if algo == "grpo":
-        from flowopd.recipes.grpo_config import GRPOConfig
+        from flowopd.config.grpo import GRPOConfig
 
         return GRPOConfig
-    from flowopd.recipes.crd_config import CRDConfig
+    from flowopd.config.crd import CRDConfig
 
     return CRDConfig
 

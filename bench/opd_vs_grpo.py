@@ -58,8 +58,8 @@ def build_tiny(root: Path) -> Path:
 
 def make_teachers(model_dir: Path, root: Path, device: str, rank: int) -> dict[str, Path]:
     """One randomised LoRA per task (A, B ~ N(0, 0.05^2)), saved in the diffusers format."""
+    from flowopd.config.sections import SD3_LORA_TARGETS
     from flowopd.models.sd3 import SD3Model
-    from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
 
     model = SD3Model.from_pretrained(str(model_dir), device=device)
     out = {}
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
     from flowopd.cli.common import quiet_libraries
     from flowopd.config import load_config
+    from flowopd.config.grpo import GRPOConfig
+    from flowopd.config.opd import OPDConfig
     from flowopd.perf import machine_info
     from flowopd.recipes.grpo import train_grpo
-    from flowopd.recipes.grpo_config import GRPOConfig
     from flowopd.recipes.opd import train_opd
-    from flowopd.recipes.opd_config import OPDConfig
     from flowopd.world.prompts import make_records, write_jsonl
 
     quiet_libraries()

@@ -15,8 +15,8 @@ from flowopd.config import (
     dump_config,
     load_config,
 )
+from flowopd.config.grpo import GRPOConfig
 from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -355,7 +355,7 @@ def test_sd35m_pickscore_preset_has_flow_grpos_settings():
 
 
 def test_sd35m_opd_names_only_teachers_with_presets():
-    from flowopd.recipes.opd_config import OPDConfig
+    from flowopd.config.opd import OPDConfig
 
     presets = REPO / "configs" / "sd35m"
     made = {}  # adapter dir a preset writes -> preset

@@ -9,8 +9,8 @@ import pytest
 
 from flowopd import perf
 from flowopd.cli import main
+from flowopd.config.sections import SD3_LORA_TARGETS
 from flowopd.models.tiny import TinySD3Config
-from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
 from tests.conftest import REPO
 from tests.test_perf import HAND, HAND_FORWARD, N_IMG, N_TXT
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from flowopd import perf
+from flowopd.config.sections import SD3_LORA_TARGETS
 from flowopd.models.adapters import SD3_TARGETS
 from flowopd.perf import MMDiTArch
-from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
 
 # the bare suffixes match attn2 too (peft matches dotted name suffixes)
 BARE_TARGETS = [t.removeprefix("attn.") for t in SD3_TARGETS]

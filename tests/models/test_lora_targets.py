@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flowopd import perf
+from flowopd.config.grpo import GRPOConfig
 from flowopd.models import adapters as ad
-from flowopd.recipes.grpo_config import GRPOConfig
 
 # SD3.5-M: 24 MMDiT blocks of width d = 24 heads x 64 = 1536; the caption projection is
 # 1536 wide too, so every adapted linear is d -> d and costs r (d + d) = 32 * 3072 = 98,304

@@ -46,9 +46,9 @@ def test_native_and_configured_latent_shapes(sd35m_shaped):
 
 def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     from flowopd.config import config_from_dict
+    from flowopd.config.grpo import GRPOConfig
     from flowopd.eval.benchmarks import EvalSettings, evaluate
     from flowopd.recipes.common import collect_rollouts
-    from flowopd.recipes.grpo_config import GRPOConfig
     from flowopd.recipes.runtime import setup_run
 
     train = tmp_path / "train.jsonl"

@@ -32,8 +32,8 @@ def save_tiny_sd35m(path: Path) -> Path:
 
 def save_tiny_lora(model_dir: Path, path: Path, *, rank: int = 4, seed: int = 0) -> Path:
     """A LoRA in the diffusers format (what a GRPO run writes to OUT/lora), random A and B."""
+    from flowopd.config.sections import SD3_LORA_TARGETS
     from flowopd.models.sd3 import SD3Model
-    from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
 
     model = SD3Model.from_pretrained(str(model_dir))
     model.add_adapter("t", rank=rank, alpha=2.0 * rank, target_modules=SD3_LORA_TARGETS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
+from flowopd.config.sections import SD3_LORA_TARGETS
 
 TASKS = ("geneval", "ocr")
 

@@ -13,11 +13,11 @@ import typing
 import pytest
 
 from flowopd.config import load_config
+from flowopd.config.crd import CRDConfig
+from flowopd.config.grpo import GRPOConfig
+from flowopd.config.opd import OPDConfig
+from flowopd.config.sft import SFTConfig
 from flowopd.errors import UserError
-from flowopd.recipes.crd_config import CRDConfig
-from flowopd.recipes.grpo_config import GRPOConfig
-from flowopd.recipes.opd_config import OPDConfig
-from flowopd.recipes.sft_config import SFTConfig
 
 CONFIGS = {"grpo": GRPOConfig, "opd": OPDConfig, "crd": CRDConfig, "sft": SFTConfig}
 # values where a negative number is meaningful (a reward weighted down)

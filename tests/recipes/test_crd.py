@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from flowopd.config import load_config
+from flowopd.config.crd import CRDConfig
 from flowopd.engine.checkpoint import load_checkpoint
 from flowopd.errors import UserError
 from flowopd.recipes.crd import OLD, POLICY, SAMPLER, group_batches, train_crd
-from flowopd.recipes.crd_config import CRDConfig
 from tests.recipes.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

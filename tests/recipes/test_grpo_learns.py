@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from flowopd.config import load_config
+from flowopd.config.grpo import GRPOConfig
 from flowopd.recipes.grpo import train_grpo
-from flowopd.recipes.grpo_config import GRPOConfig
 from flowopd.rewards.base import REWARDS
 
 

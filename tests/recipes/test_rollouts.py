@@ -93,9 +93,9 @@ def test_same_initial_noise_shares_x_T_within_a_group_only(tiny_model):
 
 
 def test_same_initial_noise_needs_a_stochastic_sampler():
+    from flowopd.config.crd import CRDSampleConfig
+    from flowopd.config.sections import SampleConfig
     from flowopd.errors import UserError
-    from flowopd.recipes.crd_config import CRDSampleConfig
-    from flowopd.recipes.grpo_config import SampleConfig
 
     SampleConfig(group_size=4, same_initial_noise=True).validate()  # sde: fine
     with pytest.raises(UserError, match="same_initial_noise=true needs stochastic steps"):
@@ -125,8 +125,8 @@ def test_antithetic_pairs_mirror_the_step_noise(tiny_model):
 
 
 def test_antithetic_needs_an_even_group():
+    from flowopd.config.sections import SampleConfig
     from flowopd.errors import UserError
-    from flowopd.recipes.grpo_config import SampleConfig
 
     SampleConfig(group_size=4, antithetic=True).validate()
     with pytest.raises(UserError, match="group_size must be even, got 5"):

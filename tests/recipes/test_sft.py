@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from flowopd.config import load_config
+from flowopd.config.sft import SFTConfig
 from flowopd.errors import UserError
-from flowopd.recipes.sft_config import SFTConfig
 from tests.recipes._teachers import make_teacher_loras, write_mixed_prompts
 
 
@@ -76,8 +76,8 @@ def test_sft_fits_the_teachers_samples(tmp_path, tiny_pixel_dir, setup):
 
 
 def test_sft_teacher_samples_are_routed(tiny_pixel_dir, setup):
+    from flowopd.config.opd import TeacherConfig
     from flowopd.models.sd3 import SD3Model
-    from flowopd.recipes.opd_config import TeacherConfig
     from flowopd.recipes.sft import teacher_samples
     from flowopd.recipes.teachers import load_teachers
     from flowopd.sampling import sample

@@ -19,11 +19,11 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from flowopd.config import load_config
+    from flowopd.config.pipeline import PipelineConfig
     from flowopd.engine.distributed import shutdown
     from flowopd.eval.claims import check_claims
     from flowopd.presets import resolve_config
     from flowopd.recipes.pipeline import run_seeds
-    from flowopd.recipes.pipeline_config import PipelineConfig
 
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     cfg = load_config(PipelineConfig, resolve_config(args.config), overrides)

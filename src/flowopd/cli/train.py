@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 ALGOS = {
-    "grpo": ("flowopd.recipes.grpo_config:GRPOConfig", "flowopd.recipes.grpo:train_grpo"),
-    "opd": ("flowopd.recipes.opd_config:OPDConfig", "flowopd.recipes.opd:train_opd"),
-    "sft": ("flowopd.recipes.sft_config:SFTConfig", "flowopd.recipes.sft:train_sft"),
-    "crd": ("flowopd.recipes.crd_config:CRDConfig", "flowopd.recipes.crd:train_crd"),
+    "grpo": ("flowopd.config.grpo:GRPOConfig", "flowopd.recipes.grpo:train_grpo"),
+    "opd": ("flowopd.config.opd:OPDConfig", "flowopd.recipes.opd:train_opd"),
+    "sft": ("flowopd.config.sft:SFTConfig", "flowopd.recipes.sft:train_sft"),
+    "crd": ("flowopd.config.crd:CRDConfig", "flowopd.recipes.crd:train_crd"),
 }
 
 

@@ -42,10 +42,10 @@ from flowopd.algorithms import (
     implicit_reward,
 )
 from flowopd.algorithms.advantages import advantage_stats
+from flowopd.config.crd import CRDConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import collect_rollouts, epoch_prompts, load_prompts, seed_for
-from flowopd.recipes.crd_config import CRDConfig
 from flowopd.recipes.runtime import (
     Run,
     TrainState,

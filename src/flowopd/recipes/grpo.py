@@ -20,6 +20,7 @@ import torch
 
 from flowopd.algorithms import group_advantages, grpo_loss, reference_kl
 from flowopd.algorithms.advantages import advantage_stats
+from flowopd.config.grpo import GRPOConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import (
@@ -31,7 +32,6 @@ from flowopd.recipes.common import (
     seed_for,
     trained_steps,
 )
-from flowopd.recipes.grpo_config import GRPOConfig
 from flowopd.recipes.runtime import (
     Run,
     TrainState,

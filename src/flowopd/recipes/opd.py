@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from flowopd.algorithms import mar_loss, opd_loss, step_kl
+from flowopd.config.opd import OPDConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
 from flowopd.recipes.common import (
@@ -40,7 +41,6 @@ from flowopd.recipes.common import (
     seed_for,
     trained_steps,
 )
-from flowopd.recipes.opd_config import OPDConfig
 from flowopd.recipes.runtime import (
     Run,
     TrainState,

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from flowopd.config import load_config
+from flowopd.config.pipeline import PipelineConfig, StageConfig
 from flowopd.presets import resolve_config
-from flowopd.recipes.pipeline_config import PipelineConfig, StageConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -147,10 +147,10 @@ def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None
 
 def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
     """Run (or finish) every stage; returns the report's table rows."""
+    from flowopd.config.grpo import GRPOConfig
+    from flowopd.config.opd import OPDConfig
     from flowopd.recipes.grpo import train_grpo
-    from flowopd.recipes.grpo_config import GRPOConfig
     from flowopd.recipes.opd import train_opd
-    from flowopd.recipes.opd_config import OPDConfig
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +204,8 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
             merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
         init = str(run_dir / "lora")
     elif cs.method == "sft":
+        from flowopd.config.sft import SFTConfig
         from flowopd.recipes.sft import train_sft
-        from flowopd.recipes.sft_config import SFTConfig
 
         run_dir = out / "cold_start"
         over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [

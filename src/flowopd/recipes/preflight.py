@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from flowopd.errors import UserError, closest
-from flowopd.perf import _get  # dotted config lookup with a default
 
 __all__ = ["RunPlan", "check_run", "check_prompt_file", "check_lora_header", "weights_status"]
 
@@ -199,7 +198,7 @@ def _plan_data(plan: RunPlan, cfg: Any) -> dict[str, list[dict]]:
         check_prompt_file(path, key)
     loaded, _ = load_datasets(cfg.data)  # the recipes' own loader: the records a run trains on
     out: dict[str, list[dict]] = {}
-    per_epoch = _get(cfg, "sample.prompts_per_epoch", None) or _get(cfg, "sample.num_prompts", 0)
+    per_epoch = cfg.prompts_per_process(1)  # prompts per epoch (SFT: sample.num_prompts)
     for (key, path, _), recs in zip(files, loaded, strict=True):
         if not recs:
             raise UserError(f"{key}: '{path}' holds no prompts; fill it or fix the path")
@@ -435,8 +434,8 @@ def check_lora_header(path: str, key: str, arch: Any = None) -> int:
     """Tensors in a LoRA's safetensors file, read from its JSON header (no tensor loaded);
     a one-line ``UserError`` naming the file when it is not a readable safetensors file, or
     (given the model's ``perf.MMDiTArch``) when it was trained on another architecture."""
+    from flowopd.config.opd import LORA_WEIGHTS, check_lora_path
     from flowopd.models.adapters import read_safetensors_header
-    from flowopd.recipes.opd_config import LORA_WEIGHTS, check_lora_path
 
     check_lora_path(path, key)
     p = Path(path).expanduser()

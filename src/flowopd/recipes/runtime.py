@@ -18,7 +18,7 @@ from flowopd.models.base import FlowModel
 from flowopd.paths import resolve_model_path
 from flowopd.rewards.base import RewardFn, get_reward
 
-# ModelConfig switches passed to the backend's from_pretrained when set (see grpo_config)
+# ModelConfig switches passed to the backend's from_pretrained when set (see config/sections.py)
 SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward")
 
 
@@ -58,8 +58,8 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
             backend=cfg.model.backend,
             device=acc.device,
             dtype=cfg.model.dtype,
-            # memory/speed options (getattr: configs of other recipes may lack them)
-            **{k: getattr(cfg.model, k) for k in SPEED_OPTIONS if getattr(cfg.model, k, False)},
+            # memory/speed options (every recipe's model: section has them)
+            **{k: getattr(cfg.model, k) for k in SPEED_OPTIONS if getattr(cfg.model, k)},
         )
     # sampling, training and evaluation all run at model.resolution (None: the native side)
     model.set_resolution(cfg.model.resolution)
@@ -125,7 +125,7 @@ def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float
         steps=cfg.sample.eval_num_steps,
         guidance_scale=cfg.model.guidance_scale,
         resolution=cfg.model.resolution,
-        images_per_prompt=getattr(cfg.eval, "images_per_prompt", None),
+        images_per_prompt=cfg.eval.images_per_prompt,
         n=cfg.eval.num_prompts,
         batch_size=cfg.eval.batch_size,
         # the eval scorers load the same local weights as the training rewards
@@ -168,7 +168,7 @@ class TrainState:
             t.lr,
             tuple(t.betas),
             t.weight_decay,
-            eight_bit=getattr(t, "adamw_8bit", False),
+            eight_bit=t.adamw_8bit,
         )
         self.ema = (
             EMA(self.params, flowgrpo_decay(t.ema_decay), every=t.ema_every) if t.ema else None

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_sigmas
+from flowopd.config.sft import SFTConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
 from flowopd.models.base import Cond, FlowModel
@@ -37,7 +38,6 @@ from flowopd.recipes.runtime import (
     end_epoch,
     setup_run,
 )
-from flowopd.recipes.sft_config import SFTConfig
 from flowopd.recipes.teachers import check_tasks, load_teachers, mixed_epoch_prompts
 from flowopd.sampling import sample
 

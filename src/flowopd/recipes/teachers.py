@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowopd.config.opd import TeacherConfig, teacher_table
 from flowopd.errors import UserError, closest
 from flowopd.models.base import BASE, Cond, FlowModel
 from flowopd.recipes.common import epoch_prompts, seed_for
-from flowopd.recipes.opd_config import TeacherConfig, teacher_table
 
 __all__ = [
     "ANCHOR",

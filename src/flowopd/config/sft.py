@@ -18,16 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import (
+from flowopd.config.layout import divisors as _divisors
+from flowopd.config.opd import TeacherConfig, teacher_table
+from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
-    _divisors,
-    _help,
 )
-from flowopd.recipes.opd_config import TeacherConfig, teacher_table
+from flowopd.config.sections import (
+    help_field as _help,
+)
+from flowopd.errors import UserError
 
 __all__ = ["SFTSection", "SFTSampleConfig", "SFTTrainConfig", "SFTOutputConfig", "SFTConfig"]
 

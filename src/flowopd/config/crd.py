@@ -1,9 +1,9 @@
-"""The CRD run config: GRPO's sections reused, plus a ``crd`` section (METHODS.md §4).
+"""The CRD run config: the shared sections plus a ``crd`` section (METHODS.md §4).
 
 CRD (Centered Reward Distillation) samples like GRPO (prompts x G images per epoch, split
 by whole prompt groups over processes) but trains on forward-noised clean samples instead
-of recorded trajectory steps. So the run reuses GRPO's section classes (subclassed only
-where a default or a help text differs) and its epoch layout (``check_distributed``:
+of recorded trajectory steps. So the run reuses the shared section classes (subclassed only
+where a default or a help text differs) and the epoch layout (``check_distributed``:
 processes, sampling batches, minibatches, accumulation), with these differences:
 
 - ``sample.kind`` may be ``ode`` and is by default: rollouts need only the clean latents;
@@ -14,9 +14,9 @@ processes, sampling batches, minibatches, accumulation), with these differences:
   implicit reward and the targets over the images of each prompt (exactly, not
   approximately): ``train.batch_size`` is a multiple of ``sample.group_size``, and groups
   (not images) are shuffled into minibatches;
-- GRPO-only knobs (``train.clip_range``, ``train.kl_form``, ``train.timestep_fraction``,
-  ``train.beta_kl``, ``sample.sde_window_size``) must stay at their defaults: CRD does not
-  read them, and a set value would silently do nothing.
+- ``train`` has none of GRPO's objective knobs (``clip_range``, ``beta_kl``, ``kl_form``,
+  ``timestep_fraction``: loading one says so, and where CRD's KL weight is), and
+  ``sample.sde_window_size`` must stay 0.
 
 Per optimizer step the policy sees ``gradient_accumulation`` minibatches, each at
 ``crd.times_per_batch`` (default: all ``crd.num_times``) training times.
@@ -25,23 +25,26 @@ Per optimizer step the policy sees ``gradient_accumulation`` minibatches, each a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from flowopd.algorithms.crd import EmaDecays, ema_decays
-from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import (
+from flowopd.config.layout import EpochLayoutMixin
+from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
-    GRPOConfig,
     ModelConfig,
     OutputConfig,
     RewardConfig,
+    RolloutOptimConfig,
     SampleConfig,
-    TrainConfig,
-    _help,
+    check_rewards,
 )
+from flowopd.config.sections import (
+    help_field as _help,
+)
+from flowopd.errors import UserError
 from flowopd.sde import timesteps
 
 __all__ = [
@@ -52,16 +55,6 @@ __all__ = [
     "CRDMethodConfig",
     "CRDConfig",
 ]
-
-# Fields of the shared sections that only Flow-GRPO reads (section, name).
-_GRPO_ONLY = [
-    ("train", "clip_range"),
-    ("train", "kl_form"),
-    ("train", "timestep_fraction"),
-    ("train", "beta_kl"),
-    ("sample", "sde_window_size"),
-]
-
 
 # The shared sections, with CRD's defaults. Only defaults and help change; fields and
 # validation are GRPO's. (A default_factory on CRDConfig would not do: a YAML section
@@ -92,20 +85,27 @@ class CRDSampleConfig(SampleConfig):
 
 
 @dataclass
-class CRDTrainConfig(TrainConfig):
+class CRDTrainConfig(RolloutOptimConfig):
     """Optimisation: AdamW on the policy LoRA with the CRD objective."""
 
-    clip_range: float = _help("Flow-GRPO only (PPO clip); unused by CRD.", 1e-4)
-    beta_kl: float = _help(
-        "Flow-GRPO only; must stay 0: CRD's KL weight is crd.beta_kl (crd.kl_anchor).", 0.0
-    )
-    kl_form: Literal["public", "exact"] = _help("Flow-GRPO only; unused by CRD.", "public")
-    timestep_fraction: float = _help("Flow-GRPO only; unused by CRD.", 0.99)
+    _moved: ClassVar[dict[str, str]] = {
+        "beta_kl": "is a Flow-GRPO setting that CRD does not use; remove it; CRD's KL "
+        "weight is crd.beta_kl (crd.kl_anchor=false turns it off)",
+        **{
+            k: "is a Flow-GRPO setting that CRD does not use; remove it"
+            for k in ("clip_range", "kl_form", "timestep_fraction")
+        },
+    }
+
     cfg_grad: Literal["cond", "both"] = _help(
         "Gradient through the student's CFG pair (as in Flow-GRPO: 'cond' detaches the "
         "unconditional prediction). No effect at CRD's default model.guidance_scale=1.0 "
         "(the student runs without CFG); the KL anchor's guided base is never differentiated.",
         "cond",
+    )
+    adv_std: Literal["global", "group"] = _help(
+        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
+        "global",
     )
 
 
@@ -239,7 +239,7 @@ class CRDMethodConfig:
 
 
 @dataclass
-class CRDConfig:
+class CRDConfig(EpochLayoutMixin):
     """A CRD run (SD3.5-M defaults of METHODS.md §4)."""
 
     model: CRDModelConfig = _help(
@@ -258,63 +258,22 @@ class CRDConfig:
     eval: EvalConfig = _help("Evaluation (policy adapter, EMA when train.ema).", factory=EvalConfig)
     output: CRDOutputConfig = _help("Outputs.", factory=CRDOutputConfig)
 
-    # -- derived values: the epoch layout is GRPO's ---------------------------------------
-
-    def _layout(self) -> GRPOConfig:
-        """A GRPOConfig over the shared sections (not validated): GRPO's derived values and
-        divisibility rules apply unchanged to CRD's epoch."""
-        return GRPOConfig(
-            model=self.model, data=self.data, reward=self.reward, sample=self.sample,
-            train=self.train, eval=self.eval, output=self.output,
-        )  # fmt: skip
-
-    @property
-    def images_per_epoch(self) -> int:
-        """prompts_per_epoch x group_size, over all processes (48 x 24 = 1152)."""
-        return self._layout().images_per_epoch
-
-    @property
-    def train_batch_size(self) -> int:
-        """Training minibatch per process (train.batch_size, else sample.batch_size)."""
-        return self._layout().train_batch_size
-
     @property
     def groups_per_batch(self) -> int:
         """Whole prompt groups per training minibatch."""
         return self.train_batch_size // self.sample.group_size
 
-    def prompts_per_process(self, world_size: int = 1) -> int:
-        return self._layout().prompts_per_process(world_size)
-
-    def images_per_process(self, world_size: int = 1) -> int:
-        return self._layout().images_per_process(world_size)
-
-    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
-        """Minibatches per optimizer step (see ``GRPOConfig.gradient_accumulation_steps``)."""
-        return self._layout().gradient_accumulation_steps(world_size)
-
-    def optimizer_steps_per_epoch(self, world_size: int = 1) -> int:
-        return self._layout().optimizer_steps_per_epoch(world_size)
-
     # -- checks -------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already)."""
-        self._layout()._check_rewards()
+        check_rewards(self.reward, self.data)
         self.eval.resolved_benchmarks(self.data.test)
-        defaults = {"train": CRDTrainConfig(), "sample": CRDSampleConfig()}
-        for section, name in _GRPO_ONLY:
-            value = getattr(getattr(self, section), name)
-            if value != getattr(defaults[section], name):
-                hint = (
-                    "; CRD's KL weight is crd.beta_kl (crd.kl_anchor=false turns it off)"
-                    if name == "beta_kl"
-                    else ""
-                )
-                raise UserError(
-                    f"{section}.{name}={value} is a Flow-GRPO setting that CRD does not use; "
-                    f"remove it{hint}"
-                )
+        if self.sample.sde_window_size:
+            raise UserError(
+                f"sample.sde_window_size={self.sample.sde_window_size} is a Flow-GRPO "
+                "setting that CRD does not use; remove it"
+            )
         if self.train.adv_clip <= 0:
             raise UserError(
                 f"train.adv_clip must be > 0 for CRD (targets a = clip(A, -c, c) / 2c + 0.5), "
@@ -327,7 +286,7 @@ class CRDConfig:
 
         CRD's rule first: the minibatch holds whole prompt groups (a multiple of G), so
         that each image's implicit reward is centered over *all* images of its prompt.
-        Then GRPO's rules (``GRPOConfig.check_distributed``): W divides the prompts, the
+        Then the layout's rules (``EpochLayout.check``): W divides the prompts, the
         sampling batch and the minibatch divide the images per process, the accumulation
         divides the minibatches.
         """
@@ -344,4 +303,4 @@ class CRDConfig:
                 f"implicit reward over all images of a prompt, so a minibatch must hold whole "
                 f"prompt groups; use {multiples}, ..."
             )
-        self._layout().check_distributed(world_size)
+        self.layout.check(world_size)

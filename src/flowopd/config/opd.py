@@ -6,13 +6,13 @@ time every prompt record is routed by its ``opd.routing_key`` (``task``) to the 
 teacher that serves that task (hard routing); all teachers are named adapters on the
 one base model.
 
-``OPDConfig`` is a ``GRPOConfig`` (same model / data / sample / train / eval / output
-sections, same derived values and divisibility rules) with these differences:
+``OPDConfig`` composes the shared sections (model / data / reward / sample / eval /
+output, the same epoch layout and divisibility rules as GRPO) with these differences:
 
 - ``opd``: teachers, anchor, loss mode, MAR strength, student init, routing key;
 - ``reward`` may be empty: OPD's learning signal is the teachers' KL; a configured
   reward is computed on the rollouts for logging only, never in the loss;
-- ``train`` defaults to the paper's lr 1e-4 and ``beta_kl = 0`` (GRPO's KL to the
+- ``train`` defaults to the paper's lr 1e-4 and has no ``beta_kl`` (GRPO's KL to the
   base is replaced by MAR, whose default anchor is the base model);
 - ``sample.kind`` must be ``sde``: the closed-form KL weight ``w(t)`` is derived for the
   Flow-GRPO SDE step.
@@ -27,15 +27,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from flowopd.errors import UserError
-from flowopd.recipes.grpo_config import (
-    GRPOConfig,
+from flowopd.config.layout import EpochLayoutMixin
+from flowopd.config.sections import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
     OutputConfig,
-    TrainConfig,
-    _help,
+    RewardConfig,
+    RolloutOptimConfig,
+    SampleConfig,
+    check_rewards,
+    check_timestep_fraction,
+    check_trained_steps,
+    trained_steps,
 )
+from flowopd.config.sections import help_field as _help
+from flowopd.errors import UserError
 
 __all__ = [
     "TeacherConfig",
@@ -187,17 +196,28 @@ class OPDSection:
 
 
 @dataclass
-class OPDTrainConfig(TrainConfig):
-    """Optimisation: AdamW on the student LoRA (GRPO's section with OPD's defaults).
+class OPDTrainConfig(RolloutOptimConfig):
+    """Optimisation: AdamW on the student LoRA; clip_range and adv_clip (the clip of the
+    advantage -KL) act on the PPO modes."""
 
-    clip_range and adv_clip (the clip of the advantage -KL) act on the PPO modes;
-    beta_kl, kl_form and adv_std are GRPO's and unused (beta_kl must stay 0).
-    """
+    _moved: ClassVar[dict[str, str]] = {
+        "beta_kl": "is Flow-GRPO's KL to the base, not an OPD setting: remove it; OPD's "
+        "regulariser is opd.mar_lambda (MAR, anchored to the base by default)",
+        "kl_form": "is a Flow-GRPO setting that OPD does not use; remove it",
+        "adv_std": "is a Flow-GRPO setting that OPD does not use; remove it",
+    }
 
     lr: float = _help("AdamW learning rate (the Flow-OPD paper: 1e-4).", 1e-4)
-    beta_kl: float = _help(
-        "GRPO's KL to the base; unused by OPD and must be 0 (see opd.mar_lambda).", 0.0
+    clip_range: float = _help("PPO ratio clip eps of the PPO modes.", 1e-4)
+    timestep_fraction: float = _help(
+        "Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99
     )
+
+    def validate(self) -> None:
+        check_timestep_fraction(self.timestep_fraction)
+        if self.clip_range <= 0:
+            raise UserError(f"train.clip_range must be > 0, got {self.clip_range}")
+        super().validate()
 
 
 @dataclass
@@ -208,35 +228,39 @@ class OPDOutputConfig(OutputConfig):
 
 
 @dataclass
-class OPDConfig(GRPOConfig):
+class OPDConfig(EpochLayoutMixin):
     """A Flow-OPD run (the paper's SD3.5-M defaults of METHODS.md §3)."""
 
+    model: ModelConfig = _help("Base model and LoRA.", factory=ModelConfig)
+    data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
+    reward: RewardConfig = _help("Reward (logged only; may be empty).", factory=RewardConfig)
+    sample: SampleConfig = _help("Rollouts.", factory=SampleConfig)
     train: OPDTrainConfig = _help("Optimisation.", factory=OPDTrainConfig)
+    eval: EvalConfig = _help("Evaluation.", factory=EvalConfig)
     output: OPDOutputConfig = _help("Outputs.", factory=OPDOutputConfig)
     opd: OPDSection = _help("Teachers, anchor, loss.", factory=OPDSection)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.train.beta_kl:
-            raise UserError(
-                f"train.beta_kl={self.train.beta_kl} is GRPO's KL to the base, unused by OPD; "
-                "set train.beta_kl=0 and use opd.mar_lambda (MAR, anchored to the base by "
-                "default)"
-            )
-        if self.sample.kind != "sde":
-            raise UserError(
-                f"sample.kind={self.sample.kind}: OPD's closed-form step KL is derived for "
-                "the Flow-GRPO SDE; set sample.kind=sde"
-            )
-
-    def _check_rewards(self) -> None:
-        # Rewards only feed the logs in OPD, so none at all is fine; any that is given is
-        # checked as GRPO checks it.
-        given = self.reward.mode != "none" or self.reward.options
-        if given or any(d.reward for d in self.data.datasets):
-            super()._check_rewards()
+    @property
+    def trained_steps(self) -> int:
+        """Denoising steps trained per trajectory (window size, else 10 x 0.99 -> 9)."""
+        return trained_steps(self.sample, self.train.timestep_fraction)
 
     @property
     def has_reward(self) -> bool:
         """True when rewards are configured (then computed for logging only)."""
         return self.reward.mode != "none" or any(d.reward for d in self.data.datasets)
+
+    def validate(self) -> None:
+        """Cross-section checks (each section checked itself already; see validate_config)."""
+        # Rewards only feed the logs in OPD, so none at all is fine; any that is given is
+        # checked as GRPO checks it.
+        if self.has_reward or self.reward.options:
+            check_rewards(self.reward, self.data)
+        self.eval.resolved_benchmarks(self.data.test)
+        check_trained_steps(self.sample, self.train.timestep_fraction)
+        self.check_distributed(1)
+        if self.sample.kind != "sde":
+            raise UserError(
+                f"sample.kind={self.sample.kind}: OPD's closed-form step KL is derived for "
+                "the Flow-GRPO SDE; set sample.kind=sde"
+            )

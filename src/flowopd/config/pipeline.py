@@ -58,7 +58,7 @@ class PipelineEval:
     seed: int = _help("Noise seed of the evaluation.", 0)
 
     def validate(self) -> None:
-        from flowopd.recipes.grpo_config import check_benchmarks
+        from flowopd.config.sections import check_benchmarks
 
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:

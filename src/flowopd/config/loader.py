@@ -18,7 +18,15 @@ error is one line naming the key and the fix, e.g.
 ``unknown config key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': ...``.
 
 A dataclass may set ``_shorthand: ClassVar[str] = "name"`` so that a scalar given where
-the section is expected fills that one field (``reward: ocr`` == ``reward: {name: ocr}``).
+the section is expected fills that one field (``reward: ocr`` == ``reward: {name: ocr}``),
+and ``_moved: ClassVar[dict[str, str]]`` for keys it no longer has: loading
+``train.beta_kl`` where ``_moved = {"beta_kl": "moved to crd.beta_kl"}`` (in YAML or as
+an override) raises ``train.beta_kl moved to crd.beta_kl``.
+
+Why not a library: pydantic, omegaconf, tyro, draccus and jsonargparse each do part of
+this, but none gives one-line errors with a near-spelling hint, the ``key=value`` override
+syntax the CLI and pipeline use, ``Literal`` / tuple / union coercion and NaN rejection
+together; the commit that split this package says more.
 """
 
 from __future__ import annotations
@@ -211,6 +219,9 @@ def _where(where: str) -> str:
 def _unknown_key(cls: type, key: str, prefix: str, where: str) -> UserError:
     names = [f.name for f in dataclasses.fields(cls)]
     full = _join(prefix, key)
+    moved = getattr(cls, "_moved", {}).get(key)
+    if moved:  # a key this section had once: say where it went
+        return UserError(f"{full} {moved}{_where(where)}")
     # 'lr=1e-4' at the top level: point to the section that has exactly that key, before
     # guessing a near spelling in this section, then a near spelling in a nested section.
     exact = [p for p in _leaf_paths(cls, prefix) if p.rpartition(".")[2] == key]
@@ -321,96 +332,110 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
     if _is_union(tp):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _type_error(key, _type_name(tp), value, where)
-        members = [a for a in args if a is not type(None)]
-        errors = []
-        for member in members:
-            try:
-                return _coerce(value, member, key, where)
-            except UserError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise _type_error(key, _type_name(tp), value, where)
-
+        return _coerce_union(value, tp, key, where)
     if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and all(isinstance(a, str) for a in args):
-            choices = ", ".join(str(a) for a in args)
-            raise UserError(
-                f"config key '{key}' has unknown value '{value}'{closest(value, args)}"
-                f"{_where(where)}; choose one of: {choices}"
-            )
-        raise _type_error(key, "one of " + "|".join(repr(a) for a in args), value, where)
-
+        return _coerce_literal(value, typing.get_args(tp), key, where)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, key, where)
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, "true or false", value, where)
-    if tp is int:
-        if isinstance(value, bool):
-            raise _type_error(key, "an integer", value, where)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                pass
-        raise _type_error(key, "an integer", value, where)
-    if tp is float:
-        return _coerce_float(value, key, where)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # 'name: 2024' in YAML means the string
-        raise _type_error(key, "a string", value, where)
-
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key, where)
     if origin in (list, tuple, Sequence):
-        if isinstance(value, (str, bytes, Mapping)) or value is None:
-            if origin is list and value is not None and not isinstance(value, Mapping):
-                value = [value]  # 'eval.benchmarks=ocr' means ['ocr']
-            else:
-                raise _type_error(key, _type_name(tp), value, where)
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, _type_name(tp), value, where)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise UserError(
-                    f"config key '{key}' expects {len(args)} values ({_type_name(tp)}), "
-                    f"got {len(value)}{_where(where)}"
-                )
-            return tuple(
-                _coerce(v, a, f"{key}[{i}]", where)
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-
+        return _coerce_sequence(value, tp, key, where)
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _type_error(key, _type_name(tp), value, where)
-        key_tp, val_tp = args if args else (Any, Any)
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {
             _coerce(k, key_tp, f"{key}.{k}", where): _coerce(v, val_tp, f"{key}.{k}", where)
             for k, v in value.items()
         }
-
     raise TypeError(f"config key '{key}': unsupported annotation {tp!r}")
+
+
+def _coerce_union(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``X | Y | None``: None when allowed, else the first member that accepts the value."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _type_error(key, _type_name(tp), value, where)
+    errors = []
+    for member in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, member, key, where)
+        except UserError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    raise _type_error(key, _type_name(tp), value, where)
+
+
+def _coerce_literal(value: Any, args: tuple, key: str, where: str) -> Any:
+    if value in args and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and all(isinstance(a, str) for a in args):
+        choices = ", ".join(str(a) for a in args)
+        raise UserError(
+            f"config key '{key}' has unknown value '{value}'{closest(value, args)}"
+            f"{_where(where)}; choose one of: {choices}"
+        )
+    raise _type_error(key, "one of " + "|".join(repr(a) for a in args), value, where)
+
+
+def _coerce_bool(value: Any, key: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _type_error(key, "true or false", value, where)
+
+
+def _coerce_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool):
+        raise _type_error(key, "an integer", value, where)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip().replace("_", ""))
+    raise _type_error(key, "an integer", value, where)
+
+
+def _coerce_str(value: Any, key: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # 'name: 2024' in YAML means the string
+    raise _type_error(key, "a string", value, where)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str, where: str) -> list | tuple:
+    """``list[X]`` / ``tuple[X, ...]`` / ``tuple[X, Y]``; a lone scalar means ``[scalar]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, (str, bytes, Mapping)) or value is None:
+        if origin is list and value is not None and not isinstance(value, Mapping):
+            value = [value]  # 'eval.benchmarks=ocr' means ['ocr']
+        else:
+            raise _type_error(key, _type_name(tp), value, where)
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(key, _type_name(tp), value, where)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise UserError(
+                f"config key '{key}' expects {len(args)} values ({_type_name(tp)}), "
+                f"got {len(value)}{_where(where)}"
+            )
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]", where)
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    item_tp = args[0] if args else Any
+    items = [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
 
 
 # --------------------------------------------------------------------------------------
