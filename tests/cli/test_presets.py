@@ -51,7 +51,7 @@ def test_an_existing_file_wins_and_unknown_names_are_one_line(tmp_path, monkeypa
 
 def test_the_pipeline_preset_finds_its_stage_presets(tmp_path, monkeypatch):
     from flowopd.config import load_config
-    from flowopd.recipes.pipeline_config import PipelineConfig
+    from flowopd.config.pipeline import PipelineConfig
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(PipelineConfig, resolve_config("toy/flow_opd"), [])
