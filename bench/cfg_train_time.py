@@ -49,7 +49,7 @@ def _model(name: str):
 def _train_phase(model, ro, adv: torch.Tensor, variant: str, batch: int = 32) -> list:
     """One pass over the rollouts, as recipes/grpo.py trains; returns the LoRA grads."""
     from flowopd.algorithms import grpo_loss, reference_kl
-    from flowopd.recipes.common import rescore_step
+    from flowopd.rollouts import rescore_step
 
     params = model.adapter_parameters("policy")
     for p in params:
@@ -77,7 +77,7 @@ def _train_phase(model, ro, adv: torch.Tensor, variant: str, batch: int = 32) ->
 
 
 def run(model_name: str, repeats: int, prompts: int = 16) -> dict:
-    from flowopd.recipes.common import collect_rollouts
+    from flowopd.rollouts import collect_rollouts
 
     torch.manual_seed(0)
     model = _model(model_name)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.report import write_json
 
     quiet_libraries()

@@ -4,7 +4,7 @@ Builds the SD3.5-Medium transformer from its published config (``perf.SD35_MEDIU
 2.24B parameters) with random weights, random text embeddings in place of the text
 encoders (77 CLIP + 256 T5 tokens, as SD3 feeds them) and no VAE, and measures through
 flowopd's own code paths (``SD3Model.velocity``, ``sampling.sample``,
-``recipes.common.rescore_step``, ``algorithms.grpo_loss``):
+``rollouts.rescore_step``, ``algorithms.grpo_loss``):
 
 - sampling: one 10-step SDE collection of ``--batch`` images with CFG 4.5 (2 rows per
   image per step), LoRA adapter active, trajectories recorded -> images/s;
@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flowopd.algorithms import grpo_loss
     from flowopd.engine.optim import make_optimizer
     from flowopd.models.base import Cond
-    from flowopd.recipes.common import rescore_step
     from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
+    from flowopd.rollouts import rescore_step
     from flowopd.sampling import sample
 
     size = SIZES[args.size]
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
 
     quiet_libraries()
     result = run(args)

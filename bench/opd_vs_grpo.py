@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     # the recipes run where accelerate puts them: the GPU when there is one
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
-    from flowopd.cli.common import quiet_libraries
     from flowopd.config import load_config
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.perf import machine_info
     from flowopd.recipes.grpo import train_grpo
     from flowopd.recipes.grpo_config import GRPOConfig

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     from flowopd.models.sd3 import SD3Model
     from flowopd.paths import default_model
     from flowopd.perf import machine_info
-    from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards import get_reward
+    from flowopd.rollouts import collect_rollouts
     from flowopd.world.prompts import make_records
 
     model = SD3Model.from_pretrained(default_model())

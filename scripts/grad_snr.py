@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowopd.algorithms import group_advantages
     from flowopd.algorithms.sft import add_noise
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.gradient_snr import gradient_snr, gradient_snr_stderr, update_cosine
     from flowopd.eval.report import write_json
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
     from flowopd.perf import machine_info
-    from flowopd.recipes.common import collect_rollouts, epoch_prompts, load_prompts, rescore_step
     from flowopd.rewards.base import get_reward
+    from flowopd.rollouts import collect_rollouts, epoch_prompts, load_prompts, rescore_step
 
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.benchmarks import benchmark_records
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
-    from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards.base import get_reward
+    from flowopd.rollouts import collect_rollouts
 
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,10 +46,10 @@ def test_native_and_configured_latent_shapes(sd35m_shaped):
 
 def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     from flowopd.config import config_from_dict
+    from flowopd.engine.run import setup_run
     from flowopd.eval.benchmarks import EvalSettings, evaluate
-    from flowopd.recipes.common import collect_rollouts
     from flowopd.recipes.grpo_config import GRPOConfig
-    from flowopd.recipes.runtime import setup_run
+    from flowopd.rollouts import collect_rollouts
 
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a red circle", "task": "x"}\n')

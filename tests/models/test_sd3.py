@@ -356,7 +356,7 @@ def test_bf16_grpo_step_grads_reach_float32_lora(tiny_pipe):
     """A GRPO step under bf16 autocast: ratio 1 before the update, finite loss, float32
     grads on the LoRA weights (none on the frozen bf16 base), and the update moves them."""
     from flowopd.algorithms import grpo_loss, reference_kl
-    from flowopd.recipes.common import rescore_step
+    from flowopd.rollouts import rescore_step
 
     model = SD3Model(copy.deepcopy(tiny_pipe), dtype="bfloat16", max_sequence_length=8)
     model.add_adapter("policy", rank=4, alpha=8)

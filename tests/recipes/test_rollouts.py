@@ -8,8 +8,8 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from flowopd.recipes.common import collect_rollouts, submit_reward
 from flowopd.rewards.toy import toy_quality_reward
+from flowopd.rollouts import collect_rollouts, submit_reward
 from flowopd.world.prompts import make_records
 
 KW = dict(num_steps=3, kind="sde", noise_level=0.7, guidance_scale=4.5, seed=0, epoch=0)

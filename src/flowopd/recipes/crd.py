@@ -44,15 +44,15 @@ from flowopd.algorithms import (
 from flowopd.algorithms.advantages import advantage_stats
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
-from flowopd.recipes.common import collect_rollouts, epoch_prompts, load_prompts, seed_for
-from flowopd.recipes.crd_config import CRDConfig
-from flowopd.recipes.runtime import (
+from flowopd.engine.run import (
     Run,
     TrainState,
     build_reward,
     end_epoch,
     setup_run,
 )
+from flowopd.recipes.crd_config import CRDConfig
+from flowopd.rollouts import collect_rollouts, epoch_prompts, load_prompts, seed_for
 
 POLICY, SAMPLER, OLD = "policy", "sampler", "old"
 SNAPSHOTS = (SAMPLER, OLD)

@@ -22,7 +22,15 @@ from flowopd.algorithms import group_advantages, grpo_loss, reference_kl
 from flowopd.algorithms.advantages import advantage_stats
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
-from flowopd.recipes.common import (
+from flowopd.engine.run import (
+    Run,
+    TrainState,
+    build_reward,
+    end_epoch,
+    setup_run,
+)
+from flowopd.recipes.grpo_config import GRPOConfig
+from flowopd.rollouts import (
     collect_rollouts,
     epoch_prompts,
     load_prompts,
@@ -30,14 +38,6 @@ from flowopd.recipes.common import (
     sde_window,
     seed_for,
     trained_steps,
-)
-from flowopd.recipes.grpo_config import GRPOConfig
-from flowopd.recipes.runtime import (
-    Run,
-    TrainState,
-    build_reward,
-    end_epoch,
-    setup_run,
 )
 
 POLICY = "policy"

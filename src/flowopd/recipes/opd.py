@@ -31,7 +31,21 @@ import torch
 from flowopd.algorithms import mar_loss, opd_loss, step_kl
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
-from flowopd.recipes.common import (
+from flowopd.engine.run import (
+    Run,
+    TrainState,
+    build_reward,
+    end_epoch,
+    setup_run,
+)
+from flowopd.recipes.opd_config import OPDConfig
+from flowopd.recipes.teachers import (
+    check_tasks,
+    load_teachers,
+    mixed_epoch_prompts,
+    teacher_velocities,
+)
+from flowopd.rollouts import (
     collect_rollouts,
     epoch_prompts,
     load_datasets,
@@ -39,20 +53,6 @@ from flowopd.recipes.common import (
     sde_window,
     seed_for,
     trained_steps,
-)
-from flowopd.recipes.opd_config import OPDConfig
-from flowopd.recipes.runtime import (
-    Run,
-    TrainState,
-    build_reward,
-    end_epoch,
-    setup_run,
-)
-from flowopd.recipes.teachers import (
-    check_tasks,
-    load_teachers,
-    mixed_epoch_prompts,
-    teacher_velocities,
 )
 from flowopd.sde import opd_weight
 

@@ -194,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         if _done(run_dir):
             log(f"[pipeline] cold-start: done already ({run_dir})")
         else:
-            from flowopd.recipes.merge import merge_loras
+            from flowopd.models.merge import merge_loras
 
             log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
             merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
@@ -254,7 +254,7 @@ def evaluate_models(
     cfg: PipelineConfig, models: dict[str, Path | None], eval_dir: Path, log=print
 ) -> dict:
     """metrics.json of each model (cached in eval_dir/<model>/), evaluated on one base model."""
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.benchmarks import EvalSettings, evaluate
     from flowopd.eval.report import format_table, save_grid, write_json
     from flowopd.models import load_model

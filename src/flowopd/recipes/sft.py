@@ -29,16 +29,16 @@ from safetensors.torch import load_file, save_file
 from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_sigmas
 from flowopd.engine import distributed as dist
 from flowopd.engine.logging import RunLogger
-from flowopd.models.base import Cond, FlowModel
-from flowopd.recipes.common import load_datasets, seed_for
-from flowopd.recipes.runtime import (
+from flowopd.engine.run import (
     Run,
     TrainState,
     end_epoch,
     setup_run,
 )
+from flowopd.models.base import Cond, FlowModel
 from flowopd.recipes.sft_config import SFTConfig
 from flowopd.recipes.teachers import check_tasks, load_teachers, mixed_epoch_prompts
+from flowopd.rollouts import load_datasets, seed_for
 from flowopd.sampling import sample
 
 STUDENT = "student"

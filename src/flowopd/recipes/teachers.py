@@ -19,8 +19,8 @@ from torch import Tensor
 
 from flowopd.errors import UserError, closest
 from flowopd.models.base import BASE, Cond, FlowModel
-from flowopd.recipes.common import epoch_prompts, seed_for
 from flowopd.recipes.opd_config import TeacherConfig, teacher_table
+from flowopd.rollouts import epoch_prompts, seed_for
 
 __all__ = [
     "ANCHOR",

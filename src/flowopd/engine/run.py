@@ -40,7 +40,7 @@ class Run:
 def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Run:
     """Processes (accelerate; CPU under torchrun works), output dir with the resolved
     config, the model on this process's device and a fresh trainable LoRA ``adapter``."""
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
 
     quiet_libraries()
     acc = dist.setup_accelerator()
