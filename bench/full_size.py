@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flowopd.models.base import Cond
     from flowopd.recipes.grpo_config import SD3_LORA_TARGETS
     from flowopd.rollouts import rescore_step
-    from flowopd.sampling import sample
+    from flowopd.sampling import SamplerSpec, sample
 
     size = SIZES[args.size]
     arch: MMDiTArch = size["arch"]
@@ -155,10 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def train_step(traj) -> tuple[float, float]:
         model.transformer.train()
-        step, _ = rescore_step(
-            model, traj, 0, cond, kind="sde", noise_level=0.7, guidance_scale=4.5,
-            cfg_grad="cond",  # train.cfg_grad's default
-        )  # fmt: skip
+        spec = SamplerSpec(args.steps, kind="sde", noise_level=0.7, guidance_scale=4.5)
+        step, _ = rescore_step(model, traj, 0, cond, spec, cfg_grad="cond")  # train's default
         adv = torch.linspace(-1, 1, batch, device=step.log_prob.device)
         loss, st = grpo_loss(step.log_prob, traj.log_probs[:, 0].to(step.log_prob.device), adv,
                              clip_range=1e-4)  # fmt: skip
