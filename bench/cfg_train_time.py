@@ -49,7 +49,8 @@ def _model(name: str):
 def _train_phase(model, ro, adv: torch.Tensor, variant: str, batch: int = 32) -> list:
     """One pass over the rollouts, as recipes/grpo.py trains; returns the LoRA grads."""
     from flowopd.algorithms import grpo_loss, reference_kl
-    from flowopd.recipes.common import rescore_step
+    from flowopd.rollouts import rescore_step
+    from flowopd.sampling import SamplerSpec
 
     params = model.adapter_parameters("policy")
     for p in params:
@@ -63,10 +64,10 @@ def _train_phase(model, ro, adv: torch.Tensor, variant: str, batch: int = 32) ->
         rows = torch.arange(start, min(start + batch, len(ro)))
         traj, cond, a = ro.trajectory[rows], ro.cond[rows], adv[rows]
         for j in steps:
-            kw = dict(kind="sde", noise_level=NOISE, guidance_scale=GUIDANCE)
-            step, _ = rescore_step(model, traj, j, cond, cfg_grad=cfg_grad, **kw)
+            spec = SamplerSpec(num_steps=10, noise_level=NOISE, guidance_scale=GUIDANCE)
+            step, _ = rescore_step(model, traj, j, cond, spec, cfg_grad=cfg_grad)
             with torch.no_grad(), model.adapters_disabled():
-                ref, _ = rescore_step(model, traj, j, cond, **kw)
+                ref, _ = rescore_step(model, traj, j, cond, spec)
             dt = traj.sigmas[j + 1] - traj.sigmas[j]
             kl = reference_kl(step.mean, ref.mean, step.std, dt)
             loss, _ = grpo_loss(step.log_prob, traj.log_probs[:, j], a, clip_range=1e-3, kl=kl,
@@ -77,7 +78,8 @@ def _train_phase(model, ro, adv: torch.Tensor, variant: str, batch: int = 32) ->
 
 
 def run(model_name: str, repeats: int, prompts: int = 16) -> dict:
-    from flowopd.recipes.common import collect_rollouts
+    from flowopd.rollouts import collect_rollouts
+    from flowopd.sampling import SamplerSpec
 
     torch.manual_seed(0)
     model = _model(model_name)
@@ -87,9 +89,8 @@ def run(model_name: str, repeats: int, prompts: int = 16) -> dict:
         for p in model.adapter_parameters("policy"):
             p.normal_(0, 0.05)
     records = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(prompts)]
-    ro = collect_rollouts(model, records, 0, 8, num_steps=10, kind="sde", noise_level=NOISE,
-                          guidance_scale=GUIDANCE, batch_size=32, seed=0, epoch=0,
-                          sde_window=(1, 4))  # fmt: skip
+    spec = SamplerSpec(10, noise_level=NOISE, guidance_scale=GUIDANCE, sde_window=(1, 4))
+    ro = collect_rollouts(model, records, 0, 8, spec, batch_size=32, seed=0, epoch=0)
     adv = torch.randn(len(ro), generator=torch.Generator().manual_seed(0))
     _train_phase(model, ro, adv, "both")  # warm-up
     cpu = {v: [] for v in VARIANTS}
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.report import write_json
 
     quiet_libraries()

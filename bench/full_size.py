@@ -4,7 +4,7 @@ Builds the SD3.5-Medium transformer from its published config (``perf.SD35_MEDIU
 2.24B parameters) with random weights, random text embeddings in place of the text
 encoders (77 CLIP + 256 T5 tokens, as SD3 feeds them) and no VAE, and measures through
 flowopd's own code paths (``SD3Model.velocity``, ``sampling.sample``,
-``recipes.common.rescore_step``, ``algorithms.grpo_loss``):
+``rollouts.rescore_step``, ``algorithms.grpo_loss``):
 
 - sampling: one 10-step SDE collection of ``--batch`` images with CFG 4.5 (2 rows per
   image per step), LoRA adapter active, trajectories recorded -> images/s;
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from flowopd.config.sections import SD3_LORA_TARGETS
     from flowopd.engine.optim import make_optimizer
     from flowopd.models.base import Cond
-    from flowopd.recipes.common import rescore_step
-    from flowopd.sampling import sample
+    from flowopd.rollouts import rescore_step
+    from flowopd.sampling import SamplerSpec, sample
 
     size = SIZES[args.size]
     arch: MMDiTArch = size["arch"]
@@ -155,10 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def train_step(traj) -> tuple[float, float]:
         model.transformer.train()
-        step, _ = rescore_step(
-            model, traj, 0, cond, kind="sde", noise_level=0.7, guidance_scale=4.5,
-            cfg_grad="cond",  # train.cfg_grad's default
-        )  # fmt: skip
+        spec = SamplerSpec(args.steps, kind="sde", noise_level=0.7, guidance_scale=4.5)
+        step, _ = rescore_step(model, traj, 0, cond, spec, cfg_grad="cond")  # train's default
         adv = torch.linspace(-1, 1, batch, device=step.log_prob.device)
         loss, st = grpo_loss(step.log_prob, traj.log_probs[:, 0].to(step.log_prob.device), adv,
                              clip_range=1e-4)  # fmt: skip
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
 
     quiet_libraries()
     result = run(args)

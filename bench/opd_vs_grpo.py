@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # the recipes run where accelerate puts them: the GPU when there is one
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("FLOWOPD_NO_PROGRESS", "1")
-    from flowopd.cli.common import quiet_libraries
     from flowopd.config import load_config
     from flowopd.config.grpo import GRPOConfig
     from flowopd.config.opd import OPDConfig
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.perf import machine_info
     from flowopd.recipes.grpo import train_grpo
     from flowopd.recipes.opd import train_opd

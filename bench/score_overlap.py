@@ -43,15 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     from flowopd.models.sd3 import SD3Model
     from flowopd.paths import default_model
     from flowopd.perf import machine_info
-    from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards import get_reward
+    from flowopd.rollouts import collect_rollouts
+    from flowopd.sampling import SamplerSpec
     from flowopd.world.prompts import make_records
 
     model = SD3Model.from_pretrained(default_model())
     reward = get_reward(args.reward)
     records = make_records("ocr", "train", args.prompts, seed=0)
-    kw = dict(num_steps=10, kind="sde", noise_level=0.7, guidance_scale=3.0,
-              batch_size=args.batch, seed=0, epoch=0)  # fmt: skip
+    spec = SamplerSpec(num_steps=10, kind="sde", noise_level=0.7, guidance_scale=3.0)
+    kw = dict(spec=spec, batch_size=args.batch, seed=0, epoch=0)
 
     def sequential() -> torch.Tensor:
         ro = collect_rollouts(model, records, 0, args.group, overlap=False, **kw)

@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from flowopd.algorithms import group_advantages
     from flowopd.algorithms.sft import add_noise
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.gradient_snr import gradient_snr, gradient_snr_stderr, update_cosine
     from flowopd.eval.report import write_json
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
     from flowopd.perf import machine_info
-    from flowopd.recipes.common import collect_rollouts, epoch_prompts, load_prompts, rescore_step
     from flowopd.rewards.base import get_reward
+    from flowopd.rollouts import collect_rollouts, epoch_prompts, load_prompts, rescore_step
+    from flowopd.sampling import SamplerSpec
 
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +103,19 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     model.transformer.eval()
+    spec = SamplerSpec(10, noise_level=args.noise, guidance_scale=cfg, sde_window=window)
     ro = collect_rollouts(
-        model, recs, 0, g, num_steps=10, kind="sde", noise_level=args.noise,
-        guidance_scale=cfg, batch_size=64, seed=args.seed, epoch=0, sde_window=window,
-        reward=reward, same_initial_noise=args.same_initial_noise,
-    )  # fmt: skip
+        model,
+        recs,
+        0,
+        g,
+        spec,
+        batch_size=64,
+        seed=args.seed,
+        epoch=0,
+        reward=reward,
+        same_initial_noise=args.same_initial_noise,
+    )
     adv = group_advantages(ro.rewards, ro.group_ids, std="group", clip=5.0).to(device)
     steps = [j for j in range(10) if bool(ro.trajectory.stochastic[j])]
     live = [k for k in range(n) if float(adv[k * g : (k + 1) * g].abs().sum()) > 0]
@@ -127,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = [torch.arange(k * g, (k + 1) * g) for k in live]
 
     def logp_grad(rows: torch.Tensor, j: int) -> torch.Tensor:
-        step, _ = rescore_step(model, ro.trajectory[rows], j, ro.cond[rows], kind="sde",
-                               noise_level=args.noise, guidance_scale=cfg)  # fmt: skip
+        step, _ = rescore_step(model, ro.trajectory[rows], j, ro.cond[rows], spec)
         return flat_grad(-(adv[rows] * step.log_prob).mean())
 
     model.transformer.train()

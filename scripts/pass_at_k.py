@@ -46,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.eval.benchmarks import benchmark_records
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
-    from flowopd.recipes.common import collect_rollouts
     from flowopd.rewards.base import get_reward
+    from flowopd.rollouts import collect_rollouts
+    from flowopd.sampling import SamplerSpec
 
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,12 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         model.set_adapter("lora0")
     cfg = args.guidance if args.guidance is not None else model.default_guidance_scale
     recs = benchmark_records("toy-geneval", args.n)
+    spec = SamplerSpec(args.steps, kind=args.kind, noise_level=args.noise, guidance_scale=cfg)
     t0 = time.time()
     ro = collect_rollouts(
-        model, recs, 0, args.k, num_steps=args.steps, kind=args.kind, noise_level=args.noise,
-        guidance_scale=cfg, batch_size=64, seed=args.seed, epoch=0, record=False,
+        model,
+        recs,
+        0,
+        args.k,
+        spec,
+        batch_size=64,
+        seed=args.seed,
+        epoch=0,
+        record=False,
         reward=get_reward("toy_geneval_strict"),
-    )  # fmt: skip
+    )
     partial = get_reward("toy_geneval")(ro.images, ro.prompts, ro.records).view(len(recs), -1)
     strict = ro.rewards.view(len(recs), -1)
     noise = "" if args.kind == "ode" else f", noise {args.noise}"

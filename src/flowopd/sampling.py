@@ -9,7 +9,7 @@ at evaluation (40).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -18,6 +18,32 @@ from flowopd import sde
 from flowopd.models.base import Cond, FlowModel
 
 KINDS = ("sde", "cps", "ode")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How rollouts are sampled and their steps re-scored, as one value: built once from a
+    config (``rollouts.sampler_spec``) and passed whole to ``collect_rollouts`` and
+    ``rescore_step`` (``sample`` takes the same fields as keywords: ``**spec.kwargs()``).
+
+    kind: "ode" (Euler), "sde" (Flow-GRPO) or "cps"; num_steps T; noise_level a (the SDE's
+    sigma_t = a sqrt(t / (1 - t))); guidance_scale w (CFG: v = v_u + w (v_c - v_u));
+    sde_window: (start, end) step indices that are stochastic (Flow-GRPO-Fast), None = all.
+    """
+
+    num_steps: int
+    kind: str = "sde"
+    noise_level: float = 0.7
+    guidance_scale: float = 4.5
+    sde_window: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown sampler kind '{self.kind}'; choose one of {KINDS}")
+
+    def kwargs(self) -> dict:
+        """The fields as ``sample``'s keyword arguments."""
+        return asdict(self)
 
 
 @dataclass
@@ -154,18 +180,33 @@ def sample(
             log_probs.append(lp)
             means.append(mean)
             stds.append(std)
-    if record:
-        traj = Trajectory(
-            latents=torch.stack(states, 1),
-            log_probs=torch.stack(log_probs, 1),
-            means=torch.stack(means, 1),
-            stds=torch.tensor(stds, dtype=torch.float32),
-            sigmas=sigmas,
-            stochastic=stochastic,
-        )
-    else:
-        traj = Trajectory(
-            x[:, None], torch.zeros(b, 0), x[:, :0], torch.zeros(0), sigmas, stochastic
-        )
+    traj = _trajectory(x, states, log_probs, means, stds, sigmas, stochastic, record)
     images = model.decode(x) if decode else None
     return SampleOutput(images=images, latents=x, trajectory=traj)
+
+
+def _trajectory(
+    x: Tensor,
+    states: list,
+    log_probs: list,
+    means: list,
+    stds: list,
+    sigmas: Tensor,
+    stochastic: Tensor,
+    record: bool,
+) -> Trajectory:
+    """The recorded trajectory (states (B, T + 1, ...), per-step log-probs, means, stds);
+    without ``record`` only the final sample x (B, C, h, w) as its one state."""
+    if not record:
+        b = len(x)
+        return Trajectory(
+            x[:, None], torch.zeros(b, 0), x[:, :0], torch.zeros(0), sigmas, stochastic
+        )
+    return Trajectory(
+        latents=torch.stack(states, 1),
+        log_probs=torch.stack(log_probs, 1),
+        means=torch.stack(means, 1),
+        stds=torch.tensor(stds, dtype=torch.float32),
+        sigmas=sigmas,
+        stochastic=stochastic,
+    )

@@ -317,7 +317,7 @@ def test_check_sft_plan_on_a_local_model(tmp_path, capsys, tiny_pixel_dir):
 def test_weights_status_local_cached_or_missing(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from flowopd.recipes.preflight import weights_status
+    from flowopd.preflight import weights_status
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snap = tmp_path / "hub" / "models--org--detector" / "snapshots" / "abc123"

@@ -8,7 +8,7 @@ import pytest
 
 from flowopd.data.prompts import detect_format, read_prompt_file, unique_records
 from flowopd.errors import UserError
-from flowopd.recipes.common import load_prompts
+from flowopd.rollouts import load_prompts
 
 GENEVAL_LINE = (
     '{"tag": "position", "include": [{"class": "laptop", "count": 1}, {"class": "cow", '

@@ -47,9 +47,10 @@ def test_native_and_configured_latent_shapes(sd35m_shaped):
 def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     from flowopd.config import config_from_dict
     from flowopd.config.grpo import GRPOConfig
+    from flowopd.engine.run import setup_run
     from flowopd.eval.benchmarks import EvalSettings, evaluate
-    from flowopd.recipes.common import collect_rollouts
-    from flowopd.recipes.runtime import setup_run
+    from flowopd.rollouts import collect_rollouts
+    from flowopd.sampling import SamplerSpec
 
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a red circle", "task": "x"}\n')
@@ -69,8 +70,8 @@ def test_rollouts_and_evaluation_use_the_run_resolution(sd35m_shaped, tmp_path):
     run = setup_run(cfg, adapter=None, model=model)  # what every recipe does first
     assert run.model.default_resolution == 512
     ro = collect_rollouts(
-        model, [{"prompt": "a red circle"}], 0, 2, num_steps=1, kind="sde", noise_level=0.7,
-        guidance_scale=4.5, batch_size=2, seed=0, epoch=0, same_initial_noise=True,
+        model, [{"prompt": "a red circle"}], 0, 2, SamplerSpec(num_steps=1), batch_size=2,
+        seed=0, epoch=0, same_initial_noise=True,
     )  # fmt: skip
     assert ro.trajectory.latents.shape == (2, 2, 16, 64, 64)  # (B, T + 1, C, h, w)
     assert ro.images.shape == (2, 3, 512, 512)

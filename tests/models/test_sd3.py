@@ -11,7 +11,7 @@ import torch
 from flowopd.errors import UserError
 from flowopd.models import BASE, load_model
 from flowopd.models.sd3 import SD3Model
-from flowopd.sampling import sample
+from flowopd.sampling import SamplerSpec, sample
 
 PROMPTS = ["a photo of a red circle", 'a sign that says "47"']
 
@@ -356,7 +356,7 @@ def test_bf16_grpo_step_grads_reach_float32_lora(tiny_pipe):
     """A GRPO step under bf16 autocast: ratio 1 before the update, finite loss, float32
     grads on the LoRA weights (none on the frozen bf16 base), and the update moves them."""
     from flowopd.algorithms import grpo_loss, reference_kl
-    from flowopd.recipes.common import rescore_step
+    from flowopd.rollouts import rescore_step
 
     model = SD3Model(copy.deepcopy(tiny_pipe), dtype="bfloat16", max_sequence_length=8)
     model.add_adapter("policy", rank=4, alpha=8)
@@ -372,10 +372,10 @@ def test_bf16_grpo_step_grads_reach_float32_lora(tiny_pipe):
     ratios = []
     model.transformer.train()
     for j in range(3):
-        step, _ = rescore_step(model, tr, j, cond, kind="sde", noise_level=0.7, guidance_scale=4.5)
+        spec = SamplerSpec(num_steps=4, kind="sde", noise_level=0.7, guidance_scale=4.5)
+        step, _ = rescore_step(model, tr, j, cond, spec)
         with torch.no_grad(), model.adapters_disabled():
-            ref, _ = rescore_step(model, tr, j, cond, kind="sde", noise_level=0.7,
-                                  guidance_scale=4.5)  # fmt: skip
+            ref, _ = rescore_step(model, tr, j, cond, spec)
         dt = tr.sigmas[j + 1] - tr.sigmas[j]
         kl = reference_kl(step.mean, ref.mean, step.std, dt)
         loss, _ = grpo_loss(step.log_prob, tr.log_probs[:, j], adv, clip_range=1e-4, kl=kl,

@@ -179,8 +179,8 @@ def test_policy_learns_the_reward(tmp_path, tiny_pixel_dir):
         "train.lr": "3e-2", "train.epochs": "6", "train.optimizer_steps_per_epoch": "2",
         "sample.group_size": "8", "sample.batch_size": "16", "train.batch_size": "16",
         "crd.kl_anchor": "false", "output.checkpoint_every": "0"})  # fmt: skip
-    from flowopd.recipes.common import load_prompts
     from flowopd.rewards.toy import quality_score
+    from flowopd.rollouts import load_prompts
     from flowopd.sampling import sample
 
     model = run.model

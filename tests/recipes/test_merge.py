@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowopd.errors import UserError
-from flowopd.recipes.merge import lora_delta, merge_ab_mean, merge_delta, merge_loras, read_lora
+from flowopd.models.merge import lora_delta, merge_ab_mean, merge_delta, merge_loras, read_lora
 from tests.recipes._teachers import make_teacher_loras
 
 # Two rank-1 LoRAs on a (2, 3) weight, scale 1:
@@ -118,7 +118,7 @@ def test_merge_cli_writes_a_lora_that_loads_everywhere(tmp_path, tiny_pixel_dir,
 
 
 def test_ab_mean_dir_keeps_the_teachers_config(tmp_path, teachers):
-    from flowopd.recipes.merge import write_lora
+    from flowopd.models.merge import write_lora
 
     t = [str(teachers["geneval"]), str(teachers["ocr"])]
     merged, report = merge_loras(t, method="ab_mean")

@@ -193,7 +193,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, tiny_pixel_dir, teache
 
 
 def test_student_cold_starts_from_a_merged_lora(tmp_path, tiny_pixel_dir, teachers, prompts):
-    from flowopd.recipes.merge import merge_loras, write_lora
+    from flowopd.models.merge import merge_loras, write_lora
 
     merged, _ = merge_loras([str(teachers["geneval"]), str(teachers["ocr"])], method="delta",
                             rank=8)  # fmt: skip

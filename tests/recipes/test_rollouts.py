@@ -8,11 +8,13 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from flowopd.recipes.common import collect_rollouts, submit_reward
 from flowopd.rewards.toy import toy_quality_reward
+from flowopd.rollouts import collect_rollouts, submit_reward
+from flowopd.sampling import SamplerSpec
 from flowopd.world.prompts import make_records
 
-KW = dict(num_steps=3, kind="sde", noise_level=0.7, guidance_scale=4.5, seed=0, epoch=0)
+SPEC = SamplerSpec(num_steps=3, kind="sde", noise_level=0.7, guidance_scale=4.5)
+KW = dict(spec=SPEC, seed=0, epoch=0)
 
 
 def test_batchwise_scores_equal_scoring_the_whole_epoch(tiny_model):
@@ -71,7 +73,7 @@ def test_wrong_number_of_scores_is_reported(tiny_model):
 
 def test_same_initial_noise_shares_x_T_within_a_group_only(tiny_model):
     records = make_records("geneval", "train", 3, seed=0)
-    kw = dict(KW, num_steps=4)
+    kw = dict(KW, spec=SamplerSpec(num_steps=4))
     shared = collect_rollouts(
         tiny_model, records, 5, 4, batch_size=5, same_initial_noise=True, **kw
     )
@@ -106,9 +108,7 @@ def test_same_initial_noise_needs_a_stochastic_sampler():
 
 def test_antithetic_pairs_mirror_the_step_noise(tiny_model):
     records = make_records("geneval", "train", 2, seed=0)
-    ro = collect_rollouts(
-        tiny_model, records, 0, 4, batch_size=3, antithetic=True, **dict(KW, num_steps=3)
-    )
+    ro = collect_rollouts(tiny_model, records, 0, 4, batch_size=3, antithetic=True, **KW)
     t = ro.trajectory
     for a in range(0, 8, 2):  # pairs (0, 1), (2, 3) of each group, across batch borders
         b = a + 1

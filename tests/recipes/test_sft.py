@@ -92,7 +92,7 @@ def test_sft_teacher_samples_are_routed(tiny_pixel_dir, setup):
                                num_steps=3, guidance_scale=4.5, batch_size=3, seed=0)  # fmt: skip
     assert x0.shape == (4, *model.latent_shape()) and len(cond) == 4
     # row 2 = prompt 1, image 0: the OCR teacher alone, from the same noise, gives it
-    from flowopd.recipes.common import seed_for
+    from flowopd.rollouts import seed_for
 
     gen = torch.Generator().manual_seed(seed_for(0, "sft", 5 + 1, 0))
     with model.adapter_active("teacher_ocr"):

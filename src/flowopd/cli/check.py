@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from flowopd.cli.train import load_run_config
     from flowopd.config import dump_config
     from flowopd.perf import format_estimate
-    from flowopd.recipes.preflight import check_run
+    from flowopd.preflight import check_run
 
     t0 = time.perf_counter()
     check_device_args(args)

@@ -58,18 +58,6 @@ def run_script(main: Callable[[], int]) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
-def quiet_libraries() -> None:
-    """Silence diffusers/transformers info chatter for CLI runs (errors still print)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -86,6 +74,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace):
     import torch
 
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
 

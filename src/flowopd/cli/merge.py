@@ -31,8 +31,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowopd.cli.common import quiet_libraries
-    from flowopd.recipes.merge import merge_loras
+    from flowopd.engine.logging import quiet_libraries
+    from flowopd.models.merge import merge_loras
 
     quiet_libraries()
     _, report = merge_loras(

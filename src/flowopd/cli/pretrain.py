@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
     from flowopd.errors import UserError
     from flowopd.recipes.pretrain import PretrainConfig, pretrain
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from flowopd.config import dump_config
-    from flowopd.recipes.preflight import check_run
+    from flowopd.preflight import check_run
 
     cfg = load_run_config(args)
     if args.print_config:

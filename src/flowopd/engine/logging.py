@@ -240,3 +240,16 @@ def progress(
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers info chatter (errors still print): set once per run
+    by the CLI and by the run set-up (``engine.run.setup_run``)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()

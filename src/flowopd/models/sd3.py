@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -24,7 +22,7 @@ from flowopd.errors import UserError, unknown
 from flowopd.models import adapters as ad
 from flowopd.models.base import Cond
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_WEIGHTS = ad.LORA_WEIGHTS
 FLOWOPD_META = "flowopd.json"  # optional per-model defaults written by `flowopd pretrain`
 
 # Gradient through the CFG pair in a forward with grad, and how the pair runs: one
@@ -219,10 +217,7 @@ class SD3Model:
 
     def save_pretrained(self, path: str | Path, meta: dict | None = None) -> None:
         """Save the pipeline (and flowopd metadata) atomically to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with ad.atomic_dir(path) as tmp:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
             info = {
                 "max_sequence_length": self.max_sequence_length,
@@ -230,12 +225,6 @@ class SD3Model:
                 **(meta or {}),
             }
             (tmp / FLOWOPD_META).write_text(json.dumps(info, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _text_encoders(self) -> list[nn.Module]:
         p = self.pipe
@@ -520,26 +509,17 @@ class SD3Model:
         from peft.utils import get_peft_model_state_dict
 
         self._check_adapter(name)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.transformer, adapter_name=name)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         meta = self.transformer.peft_config[name].to_dict()
         meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with ad.atomic_dir(path) as tmp:
             StableDiffusion3Pipeline.save_lora_weights(
                 str(tmp),
                 transformer_lora_layers=state,
                 transformer_lora_adapter_metadata=meta,
                 safe_serialization=True,
             )
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def delete_adapter(self, name: str) -> None:
         self._check_adapter(name)

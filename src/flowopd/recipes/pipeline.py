@@ -23,6 +23,8 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowopd.config import load_config
@@ -145,6 +147,31 @@ def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None
     write_html(rep / "index.html", title, rows, columns, images, notes)
 
 
+@dataclass
+class _Stages:
+    """The pipeline's trained stages: each stage's model and curve, and its training time."""
+
+    out: Path
+    log: Callable[[str], None]
+    models: dict[str, Path | None] = field(default_factory=lambda: {"base": None})
+    curves: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def train(self, name: str, run_dir: Path, train, *, curve: bool = True) -> None:
+        """Run ``train()`` unless ``run_dir`` holds a finished run; its ``lora`` is the
+        stage's model and (with ``curve``) its ``log.jsonl`` the stage's curve."""
+        if _done(run_dir):
+            self.log(f"[pipeline] {name}: done already ({run_dir})")
+        else:
+            self.log(f"[pipeline] {name}: training -> {run_dir}")
+            t0 = time.time()
+            train()
+            self.timings[name] = round(time.time() - t0, 1)
+        if curve:
+            self.models[name] = run_dir / "lora"
+            self.curves[name] = run_dir / "log.jsonl"
+
+
 def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
     """Run (or finish) every stage; returns the report's table rows."""
     from flowopd.config.grpo import GRPOConfig
@@ -156,65 +183,29 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
     out.mkdir(parents=True, exist_ok=True)
     if budget == "demo":
         cfg.eval.n = cfg.demo_eval_n
-    models: dict[str, Path | None] = {"base": None}
-    curves: dict[str, Path] = {}
-    timings: dict[str, float] = {}
-
-    def stage(name: str, run_dir: Path, train) -> None:
-        if _done(run_dir):
-            log(f"[pipeline] {name}: done already ({run_dir})")
-            return
-        log(f"[pipeline] {name}: training -> {run_dir}")
-        t0 = time.time()
-        train()
-        timings[name] = round(time.time() - t0, 1)
+    stages = _Stages(out, log)
 
     # 1. teachers: single-reward GRPO, one per task
     for t in cfg.teachers:
         run_dir = out / "teachers" / t.task
         over = _stage_overrides(cfg, t, run_dir, budget)
-        stage(
+        stages.train(
             f"teacher:{t.task}",
             run_dir,
             lambda t=t, over=over: train_grpo(_load(GRPOConfig, t.config, over)),
         )
-        models[f"teacher:{t.task}"] = run_dir / "lora"
-        curves[f"teacher:{t.task}"] = run_dir / "log.jsonl"
 
     # 2. the GRPO-Mix baseline
     if cfg.mix.config:
         run_dir = out / "grpo_mix"
         over = _stage_overrides(cfg, cfg.mix, run_dir, budget)
-        stage("grpo-mix", run_dir, lambda: train_grpo(_load(GRPOConfig, cfg.mix.config, over)))
-        models["grpo-mix"] = run_dir / "lora"
-        curves["grpo-mix"] = run_dir / "log.jsonl"
+        stages.train(
+            "grpo-mix", run_dir, lambda: train_grpo(_load(GRPOConfig, cfg.mix.config, over))
+        )
 
     # 3. cold start of the student
     teachers = [(t.task, out / "teachers" / t.task / "lora") for t in cfg.teachers]
-    init = ""
-    cs = cfg.cold_start
-    if cs.method == "merge":
-        run_dir = out / "cold_start"
-        if _done(run_dir):
-            log(f"[pipeline] cold-start: done already ({run_dir})")
-        else:
-            from flowopd.recipes.merge import merge_loras
-
-            log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
-            merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
-        init = str(run_dir / "lora")
-    elif cs.method == "sft":
-        from flowopd.config.sft import SFTConfig
-        from flowopd.recipes.sft import train_sft
-
-        run_dir = out / "cold_start"
-        over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [
-            _teachers_override(teachers, "sft")
-        ]
-        stage("cold-start", run_dir, lambda: train_sft(_load(SFTConfig, cs.sft.config, over)))
-        init = str(run_dir / "lora")
-    if init:
-        models["cold-start"] = Path(init)
+    init = _cold_start(cfg, stages, teachers, budget)
 
     # 4. Flow-OPD (and the MAR-off ablation)
     variants = [("flow-opd", "flow_opd", [])]
@@ -227,20 +218,50 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
             f"opd.init={init}",
             *extra,
         ]
-        stage(
+        stages.train(
             label,
             run_dir,
             lambda over=over: train_opd(_load(OPDConfig, cfg.opd.config, over)),
         )
-        models[label] = run_dir / "lora"
-        curves[label] = run_dir / "log.jsonl"
 
     # 5. evaluate every model the same way
-    results = evaluate_models(cfg, models, out / "eval", log=log)
+    results = evaluate_models(cfg, stages.models, out / "eval", log=log)
 
     # 6. report
-    rows = write_report(cfg, results, models, curves, out, timings)
-    return rows
+    return write_report(cfg, results, stages.models, stages.curves, out, stages.timings)
+
+
+def _cold_start(
+    cfg: PipelineConfig, stages: _Stages, teachers: list[tuple[str, Path]], budget: str
+) -> str:
+    """The student's initial LoRA (``opd.init``): the teachers merged, an SFT run on their
+    samples, or '' (a fresh LoRA)."""
+    cs, run_dir = cfg.cold_start, stages.out / "cold_start"
+    if cs.method == "merge":
+        if _done(run_dir):
+            stages.log(f"[pipeline] cold-start: done already ({run_dir})")
+        else:
+            from flowopd.models.merge import merge_loras
+
+            stages.log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
+            merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
+    elif cs.method == "sft":
+        from flowopd.config.sft import SFTConfig
+        from flowopd.recipes.sft import train_sft
+
+        over = _stage_overrides(cfg, cs.sft, run_dir, budget) + [
+            _teachers_override(teachers, "sft")
+        ]
+        stages.train(
+            "cold-start",
+            run_dir,
+            lambda: train_sft(_load(SFTConfig, cs.sft.config, over)),
+            curve=False,
+        )
+    else:
+        return ""
+    stages.models["cold-start"] = run_dir / "lora"
+    return str(run_dir / "lora")
 
 
 def _teachers_override(teachers: list[tuple[str, Path]]) -> str:
@@ -258,8 +279,7 @@ def evaluate_models(
     cfg: PipelineConfig, models: dict[str, Path | None], eval_dir: Path, log=print
 ) -> dict:
     """metrics.json of each model (cached in eval_dir/<model>/), evaluated on one base model."""
-    from flowopd.cli.common import quiet_libraries
-    from flowopd.engine.logging import library_log_to
+    from flowopd.engine.logging import library_log_to, quiet_libraries
     from flowopd.eval.benchmarks import EvalSettings, evaluate
     from flowopd.eval.report import format_table, save_grid, write_json
     from flowopd.models import load_model

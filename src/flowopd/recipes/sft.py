@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,16 @@ from safetensors.torch import load_file, save_file
 from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_sigmas
 from flowopd.config.sft import SFTConfig
 from flowopd.engine import distributed as dist
-from flowopd.engine.logging import RunLogger
-from flowopd.models.base import Cond, FlowModel
-from flowopd.recipes.common import load_datasets, seed_for
-from flowopd.recipes.runtime import (
+from flowopd.engine.batches import minibatches
+from flowopd.engine.run import (
     Run,
     TrainState,
     end_epoch,
     setup_run,
 )
+from flowopd.models.base import Cond, FlowModel
 from flowopd.recipes.teachers import check_tasks, load_teachers, mixed_epoch_prompts
+from flowopd.rollouts import load_datasets, seed_for
 from flowopd.sampling import sample
 
 STUDENT = "student"
@@ -70,11 +71,21 @@ def teacher_samples(
     out = []
     for start in range(0, len(routes), batch_size):
         rows = list(range(start, min(len(routes), start + batch_size)))
-        gens = [torch.Generator().manual_seed(seed_for(seed, "sft", first + i // n, i % n))
-                for i in rows]  # fmt: skip
-        res = sample(model, cond[rows], num_steps, kind="ode", guidance_scale=guidance_scale,
-                     generator=gens, adapters=[routes[i] for i in rows], decode=False,
-                     record=False)  # fmt: skip
+        gens = [
+            torch.Generator().manual_seed(seed_for(seed, "sft", first + i // n, i % n))
+            for i in rows
+        ]
+        res = sample(
+            model,
+            cond[rows],
+            num_steps,
+            kind="ode",
+            guidance_scale=guidance_scale,
+            generator=gens,
+            adapters=[routes[i] for i in rows],
+            decode=False,
+            record=False,
+        )
         out.append(res.latents.cpu())
     return torch.cat(out), cond
 
@@ -83,90 +94,132 @@ def train_sft(cfg: SFTConfig) -> Run:
     """Run the SFT cold start as configured; returns the finished ``Run``."""
     s, t, sft = cfg.sample, cfg.train, cfg.sft
 
-    # -- prompts, checked against the teachers before the model loads -----------------------
+    # 1. set-up: prompts, checked against the teachers before the model loads; the model
+    #    with the student LoRA; this process's share of the prompts
     datasets, ratio = load_datasets(cfg.data)
     check_tasks(datasets, sft.teacher_of(), sft.routing_key)
-
     run = setup_run(cfg, adapter=STUDENT)
-    model, out, world, rank = run.model, run.out, run.world, run.rank
+    model, world, rank = run.model, run.world, run.rank
     n_prompts = cfg.prompts_per_process(world)
     prompts, _ = mixed_epoch_prompts(datasets, ratio, s.num_prompts, t.seed, 0)
     mine = prompts[rank * n_prompts : (rank + 1) * n_prompts]
 
-    # -- the teachers' samples: cached per process, keyed by everything that makes them ----
+    # 2. sample: the teachers' clean latents (cached per process)
     t0 = time.time()
-    key = {
-        "prompts": [r["prompt"] for r in mine],
-        "teachers": [[tc.path, tc.tasks] for tc in sft.teachers],
-        "images_per_prompt": s.images_per_prompt, "num_steps": s.num_steps,
-        "guidance_scale": cfg.model.guidance_scale, "seed": t.seed, "first": rank * n_prompts,
-    }  # fmt: skip
-    cache = out / "sft_data" / f"rank-{rank}"
-    x0 = _load_cache(cache, key)
-    if x0 is None:
-        teachers = load_teachers(model, sft.teachers, key=sft.routing_key)
-        x0, _ = teacher_samples(
-            model, mine, teachers.adapters_for(mine), first=rank * n_prompts,
-            images_per_prompt=s.images_per_prompt, num_steps=s.num_steps,
-            guidance_scale=cfg.model.guidance_scale, batch_size=s.batch_size, seed=t.seed,
-        )  # fmt: skip
-        for tc in sft.teachers:  # their memory goes back before training
-            model.delete_adapter(tc.adapter)
-        _save_cache(cache, key, x0)
+    x0 = _teacher_latents(cfg, run, mine, first=rank * n_prompts)
     cond = model.encode_prompts([r["prompt"] for r in mine]).repeat_interleave(s.images_per_prompt)
     x0 = x0.to(model.device)
     run.log(f"teacher samples: {len(x0)} per process ({time.time() - t0:.1f}s)")
 
-    # -- optimiser, EMA, guard, logger; resume --------------------------------------------
+    # 3. train state: optimiser, EMA, guard, logger; resume; a fixed probe (the same
+    #    images, t and eps every epoch): a fit measure whose trend the sampling noise of t
+    #    and eps in the training loss does not hide
     ts = TrainState(run, STUDENT, t)
-    logger = RunLogger(out, enabled=run.main)
-    start_epoch = ts.resume(cfg.output.resume)
-    logger.truncate_from(start_epoch)
+    logger, start_epoch = ts.start(cfg.output.resume)
+    probe = _Probe.make(x0, cfg, rank)
 
-    # a fixed probe (the same images, t and eps every epoch): a fit measure whose trend
-    # the sampling noise of t and eps in the training loss does not hide
-    g_probe = torch.Generator().manual_seed(seed_for(t.seed, "sft-probe", rank))
-    n_probe = min(len(x0), PROBE_SIZE)
-    probe_sigma = sample_training_sigmas(n_probe, g_probe, kind=t.sigma_sampling,
-                                         shift=t.sigma_shift)  # fmt: skip
-    probe_noise = torch.randn((n_probe, *x0.shape[1:]), generator=g_probe).to(x0.device)
-    probe_xt = add_noise(x0[:n_probe], probe_noise, probe_sigma.to(x0.device))
-
-    mb, acc_steps = t.batch_size, t.gradient_accumulation
     model.transformer.train()
     for epoch in range(start_epoch, t.epochs):
+        # 4. train: flow matching on the teachers' samples
         t1 = time.time()
-        stats: dict[str, list[float]] = defaultdict(list)
-        gen = torch.Generator().manual_seed(seed_for(t.seed, "sft-train", epoch, rank))
-        order = torch.randperm(len(x0), generator=gen)
-        batches = [order[i : i + mb] for i in range(0, len(x0), mb)]
-        for b_idx, rows in enumerate(batches):
-            x = x0[rows]  # (B, C, h, w)
-            sigma = sample_training_sigmas(len(rows), gen, kind=t.sigma_sampling,
-                                           shift=t.sigma_shift)  # fmt: skip
-            noise = torch.randn(x.shape, generator=gen).to(x.device)
-            v = model.velocity(add_noise(x, noise, sigma.to(x.device)), sigma, cond[rows])
-            loss, st = flow_matching_loss(v, x, noise)
-            (loss / acc_steps).backward()
-            for k, val in st.items():
-                stats[k].append(val)
-            if (b_idx + 1) % acc_steps == 0 or b_idx + 1 == len(batches):
-                stats["grad_norm"].append(ts.step(loss))
+        stats = _train_epoch(cfg, ts, x0, cond, epoch, rank)
 
-        # log (losses averaged over processes), evaluate, checkpoint
-        with torch.no_grad():
-            v = model.velocity(probe_xt, probe_sigma, cond[:n_probe])
-            probe, _ = flow_matching_loss(v, x0[:n_probe], probe_noise)
+        # 5. log (losses averaged over processes), evaluate, checkpoint
         record = {k: float(np.mean(v)) for k, v in stats.items()}
         record["loss"] = float(dist.gather_cat(torch.tensor(record["loss"])).mean())
-        record["probe_loss"] = float(dist.gather_cat(probe.detach().cpu()).mean())
+        record["probe_loss"] = float(dist.gather_cat(probe.loss(model, x0, cond)).mean())
         record.update(opt_steps=ts.opt_steps, images=len(x0) * world * (epoch + 1))
         record["time/train"] = time.time() - t1
         end_epoch(run, cfg, ts, logger, epoch, record)
 
-    ts.save_final()
-    logger.close()
+    ts.finish(logger)
     return run
+
+
+def _teacher_latents(cfg: SFTConfig, run: Run, mine: list[dict], first: int) -> torch.Tensor:
+    """The routed teachers' clean latents of this process's prompts (R * n, C, h, w):
+    read from ``OUT/sft_data/rank-R`` when cached for exactly these settings, else sampled
+    (the teachers are unloaded after) and cached."""
+    s, t, sft, model = cfg.sample, cfg.train, cfg.sft, run.model
+    key = {
+        "prompts": [r["prompt"] for r in mine],
+        "teachers": [[tc.path, tc.tasks] for tc in sft.teachers],
+        "images_per_prompt": s.images_per_prompt,
+        "num_steps": s.num_steps,
+        "guidance_scale": cfg.model.guidance_scale,
+        "seed": t.seed,
+        "first": first,
+    }
+    cache = run.out / "sft_data" / f"rank-{run.rank}"
+    x0 = _load_cache(cache, key)
+    if x0 is None:
+        teachers = load_teachers(model, sft.teachers, key=sft.routing_key)
+        x0, _ = teacher_samples(
+            model,
+            mine,
+            teachers.adapters_for(mine),
+            first=first,
+            images_per_prompt=s.images_per_prompt,
+            num_steps=s.num_steps,
+            guidance_scale=cfg.model.guidance_scale,
+            batch_size=s.batch_size,
+            seed=t.seed,
+        )
+        for tc in sft.teachers:  # their memory goes back before training
+            model.delete_adapter(tc.adapter)
+        _save_cache(cache, key, x0)
+    return x0
+
+
+@dataclass
+class _Probe:
+    """A fixed probe: the first n images with fixed t and eps (drawn once per process)."""
+
+    sigma: torch.Tensor  # (n,)
+    noise: torch.Tensor  # (n, C, h, w)
+    x_t: torch.Tensor  # (n, C, h, w)
+
+    @classmethod
+    def make(cls, x0: torch.Tensor, cfg: SFTConfig, rank: int) -> _Probe:
+        t = cfg.train
+        g = torch.Generator().manual_seed(seed_for(t.seed, "sft-probe", rank))
+        n = min(len(x0), PROBE_SIZE)
+        sigma = sample_training_sigmas(n, g, kind=t.sigma_sampling, shift=t.sigma_shift)
+        noise = torch.randn((n, *x0.shape[1:]), generator=g).to(x0.device)
+        return cls(sigma, noise, add_noise(x0[:n], noise, sigma.to(x0.device)))
+
+    @torch.no_grad()
+    def loss(self, model: FlowModel, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The flow-matching loss on the probe (a 0-d tensor on the CPU)."""
+        n = len(self.sigma)
+        v = model.velocity(self.x_t, self.sigma, cond[:n])
+        loss, _ = flow_matching_loss(v, x0[:n], self.noise)
+        return loss.detach().cpu()
+
+
+def _train_epoch(
+    cfg: SFTConfig, ts: TrainState, x0: torch.Tensor, cond: Cond, epoch: int, rank: int
+) -> dict[str, list[float]]:
+    """One pass of minibatches: t ~ logit-normal (shifted), eps ~ N(0, I), both from the
+    epoch's shuffle generator; flow-matching loss, backward; the optimizer steps at the
+    accumulation boundaries. Returns the stats."""
+    t, model = cfg.train, ts.run.model
+    stats: dict[str, list[float]] = defaultdict(list)
+    gen = torch.Generator().manual_seed(seed_for(t.seed, "sft-train", epoch, rank))
+    for mb in minibatches(len(x0), t.batch_size, gen, accumulation=t.gradient_accumulation):
+        x = x0[mb.rows]  # (B, C, h, w)
+        sigma = sample_training_sigmas(
+            len(mb.rows), gen, kind=t.sigma_sampling, shift=t.sigma_shift
+        )
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        v = model.velocity(add_noise(x, noise, sigma.to(x.device)), sigma, cond[mb.rows])
+        loss, st = flow_matching_loss(v, x, noise)
+        (loss / t.gradient_accumulation).backward()
+        for k, val in st.items():
+            stats[k].append(val)
+        if mb.step:
+            stats["grad_norm"].append(ts.step(loss))
+    return stats
 
 
 def _load_cache(path: Path, key: dict) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from flowopd.config.opd import TeacherConfig, teacher_table
 from flowopd.errors import UserError, closest
 from flowopd.models.base import BASE, Cond, FlowModel
-from flowopd.recipes.common import epoch_prompts, seed_for
+from flowopd.rollouts import epoch_prompts, seed_for
 
 __all__ = [
     "ANCHOR",

@@ -191,7 +191,7 @@ def _data_files(cfg: Any) -> list[tuple[str, str, str]]:
 
 def _plan_data(plan: RunPlan, cfg: Any) -> dict[str, list[dict]]:
     """Read every training prompt file; rows with counts and tasks. Returns {key: records}."""
-    from flowopd.recipes.common import load_datasets
+    from flowopd.rollouts import load_datasets
 
     files = _data_files(cfg)
     for key, path, _ in files:

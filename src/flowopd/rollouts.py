@@ -1,4 +1,5 @@
-"""What every recipe shares: prompt data, rewards, rollouts, re-scoring recorded steps.
+"""Rollouts beside sampling: prompt data for an epoch, the run's sampler spec, rollout
+collection with overlapped reward scoring, re-scoring recorded steps.
 
 Kept small and explicit so each recipe still reads top to bottom.
 """
@@ -16,8 +17,9 @@ import torch
 from torch import Tensor
 
 from flowopd import sde
+from flowopd.engine.logging import progress
 from flowopd.models.base import Cond, FlowModel
-from flowopd.sampling import SampleOutput, Trajectory, sample, step_fn
+from flowopd.sampling import SampleOutput, SamplerSpec, Trajectory, sample, step_fn
 
 WORLD_PREFIX = "world:"  # data spec "world:geneval" / "world:ocr": the embedded world's train split
 
@@ -126,28 +128,104 @@ class Rollouts:
         return len(self.prompts)
 
 
+def sampler_spec(cfg, epoch: int | None = None) -> SamplerSpec:
+    """The run's sampler from its config (``sample.*`` and ``model.guidance_scale``); with
+    ``epoch``, the epoch's Flow-GRPO-Fast window (``sde_window``) too, else every step of
+    an SDE/CPS sampler is stochastic."""
+    s = cfg.sample
+    window = None if epoch is None else sde_window(s, cfg.train.seed, epoch)
+    return SamplerSpec(
+        num_steps=s.num_steps,
+        kind=s.kind,
+        noise_level=s.noise_level,
+        guidance_scale=cfg.model.guidance_scale,
+        sde_window=window,
+    )
+
+
+@dataclass(frozen=True)
+class _Noise:
+    """Where a rollout batch's noise comes from (see ``collect_rollouts``)."""
+
+    seed: int
+    epoch: int
+    group_size: int
+    same_initial_noise: bool
+    antithetic: bool
+
+    def draws(self, model: FlowModel, group_ids: Tensor, rows: list[int]) -> dict:
+        """``sample``'s generator / noise_sign / latents for the sample rows ``rows``."""
+        g = self.group_size
+        # image k of a group draws from seed (.., k); antithetic pairs share seed k // 2
+        k_of = [(i % g) // 2 if self.antithetic else i % g for i in rows]
+        gens = [
+            torch.Generator().manual_seed(seed_for(self.seed, self.epoch, int(group_ids[i]), k))
+            for i, k in zip(rows, k_of, strict=True)
+        ]
+        sign = None
+        if self.antithetic:
+            sign = torch.tensor([1.0 - 2.0 * ((i % g) % 2) for i in rows])
+        x_T = None
+        if self.same_initial_noise:
+            shape = model.latent_shape(None)
+            seeds = [seed_for(self.seed, self.epoch, int(group_ids[i]), "x_T") for i in rows]
+            x_T = torch.stack(
+                [torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in seeds]
+            )
+        return {"generator": gens, "noise_sign": sign, "latents": x_T}
+
+
+class _Scorer:
+    """Scores rollout batches in sample order: on a background thread (``overlap``) or in
+    line, keeping the seconds this thread spent scoring."""
+
+    def __init__(self, reward, overlap: bool) -> None:
+        self.reward, self.overlap = reward, overlap
+        self.futures: list[Future[Tensor]] = []
+        self.scores: list[Tensor] = []
+        self.seconds = 0.0
+
+    def add(self, images: Tensor, meta: list[dict]) -> None:
+        if self.reward is None:
+            return
+        texts = [m["prompt"] for m in meta]
+        if self.overlap:
+            self.futures.append(submit_reward(self.reward, images, texts, meta))
+            return
+        t = time.time()
+        self.scores.append(self.reward(images, texts, meta))
+        self.seconds += time.time() - t
+
+    def result(self, n: int) -> Tensor | None:
+        """(n,) float32 rewards, or None without a reward."""
+        if self.reward is None:
+            return None
+        scores = self.scores + [f.result() for f in self.futures]
+        rewards = torch.cat([torch.as_tensor(r).float().cpu().reshape(-1) for r in scores])
+        if rewards.shape != (n,):
+            raise ValueError(f"reward returned {tuple(rewards.shape)} scores for {n} samples")
+        return rewards
+
+
 def collect_rollouts(
     model: FlowModel,
     records: Sequence[dict],
     first_group: int,
     group_size: int,
+    spec: SamplerSpec,
     *,
-    num_steps: int,
-    kind: str,
-    noise_level: float,
-    guidance_scale: float,
     batch_size: int,
     seed: int,
     epoch: int,
-    sde_window: tuple[int, int] | None = None,
-    adapters_for: callable | None = None,
+    adapters_for: Callable[[list[dict]], list[str]] | None = None,
     record: bool = True,
     reward: Callable[[Tensor, list[str], list[dict]], Tensor] | None = None,
     overlap: bool | None = None,
     same_initial_noise: bool = False,
     antithetic: bool = False,
 ) -> Rollouts:
-    """Sample ``group_size`` images for each record with the active adapter (no grad).
+    """Sample ``group_size`` images for each record with the active adapter and sampler
+    ``spec`` (no grad).
 
     Prompts are encoded once. Each sample's noise comes from a generator seeded by
     (seed, epoch, global prompt index, image index), so a run gives the same samples on
@@ -168,70 +246,69 @@ def collect_rollouts(
     """
     if overlap is None:
         overlap = model.device.type != "cpu"
-    prompts = [r["prompt"] for r in records]
-    cond_unique = model.encode_prompts(prompts)
+    cond_unique = model.encode_prompts([r["prompt"] for r in records])
     n = len(records) * group_size
     group_ids = torch.arange(first_group, first_group + len(records)).repeat_interleave(group_size)
     sample_records = [r for r in records for _ in range(group_size)]
-    sample_prompts = [r["prompt"] for r in sample_records]
     cond = cond_unique.repeat_interleave(group_size)
+    noise = _Noise(seed, epoch, group_size, same_initial_noise, antithetic)
+    scorer = _Scorer(reward, overlap)
     outs: list[SampleOutput] = []
-    futures: list[Future[Tensor]] = []
-    scores: list[Tensor] = []
-    score_seconds = 0.0
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    for start in progress(starts, desc=f"sample epoch {epoch}", total=len(starts)):
         rows = list(range(start, min(n, start + batch_size)))
-        # image k of a group draws from seed (.., k); antithetic pairs share seed k // 2
-        k_of = [(i % group_size) // 2 if antithetic else i % group_size for i in rows]
-        gens = [
-            torch.Generator().manual_seed(seed_for(seed, epoch, int(group_ids[i]), k))
-            for i, k in zip(rows, k_of, strict=True)
-        ]
-        sign = None
-        if antithetic:
-            sign = torch.tensor([1.0 - 2.0 * ((i % group_size) % 2) for i in rows])
-        x_T = None
-        if same_initial_noise:
-            shape = model.latent_shape(None)
-            x_T = torch.stack([
-                torch.randn(shape, generator=torch.Generator().manual_seed(
-                    seed_for(seed, epoch, int(group_ids[i]), "x_T")))
-                for i in rows
-            ])  # fmt: skip
+        meta = [sample_records[i] for i in rows]
         out = sample(
-            model, cond[rows], num_steps, kind=kind, noise_level=noise_level,
-            guidance_scale=guidance_scale, generator=gens, sde_window=sde_window, latents=x_T,
-            noise_sign=sign,
-            adapters=adapters_for([sample_records[i] for i in rows]) if adapters_for else None,
+            model,
+            cond[rows],
+            **spec.kwargs(),
+            **noise.draws(model, group_ids, rows),
+            adapters=adapters_for(meta) if adapters_for else None,
             record=record,
-        )  # fmt: skip
+        )
         outs.append(out)
-        if reward is not None:
-            meta = [sample_records[i] for i in rows]
-            texts = [m["prompt"] for m in meta]
-            if overlap:
-                futures.append(submit_reward(reward, out.images, texts, meta))
-            else:
-                t_score = time.time()
-                scores.append(reward(out.images, texts, meta))
-                score_seconds += time.time() - t_score
+        scorer.add(out.images, meta)
     t_wait = time.time()
-    rewards = None
-    if reward is not None:
-        scores += [f.result() for f in futures]
-        rewards = torch.cat([torch.as_tensor(r).float().cpu().reshape(-1) for r in scores])
-        if rewards.shape != (n,):
-            raise ValueError(f"reward returned {tuple(rewards.shape)} scores for {n} samples")
+    rewards = scorer.result(n)
     return Rollouts(
         records=sample_records,
-        prompts=sample_prompts,
+        prompts=[r["prompt"] for r in sample_records],
         group_ids=group_ids,
         cond=cond,
         trajectory=Trajectory.cat([o.trajectory for o in outs]),
         images=torch.cat([o.images for o in outs]),
         latents=torch.cat([o.latents for o in outs]),
         rewards=rewards,
-        score_seconds=score_seconds + time.time() - t_wait,
+        score_seconds=scorer.seconds + time.time() - t_wait,
+    )
+
+
+def epoch_rollouts(
+    cfg,
+    model: FlowModel,
+    records: Sequence[dict],
+    first_group: int,
+    spec: SamplerSpec,
+    epoch: int,
+    **kwargs,
+) -> Rollouts:
+    """``collect_rollouts`` as a recipe's config sets it: ``sample.group_size`` images per
+    record, in batches of ``sample.batch_size``, seeded by ``train.seed`` and the epoch,
+    with the config's shared-x_T / antithetic choices; ``kwargs`` go through (reward,
+    record, adapters_for)."""
+    s = cfg.sample
+    return collect_rollouts(
+        model,
+        records,
+        first_group,
+        s.group_size,
+        spec,
+        batch_size=s.batch_size,
+        seed=cfg.train.seed,
+        epoch=epoch,
+        same_initial_noise=s.same_initial_noise,
+        antithetic=s.antithetic,
+        **kwargs,
     )
 
 
@@ -240,14 +317,13 @@ def rescore_step(
     traj: Trajectory,
     step: int,
     cond: Cond,
+    spec: SamplerSpec,
     *,
-    kind: str,
-    noise_level: float,
-    guidance_scale: float,
     adapters: Sequence[str] | None = None,
     cfg_grad: str = "both",
 ) -> tuple[sde.StepOutput, Tensor]:
-    """Recompute step ``step`` of recorded trajectories with the current weights.
+    """Recompute step ``step`` of recorded trajectories with the current weights, with the
+    sampler ``spec`` they were sampled with (its kind, noise level and guidance).
 
     Returns the step (its ``log_prob`` scores the recorded next state, ``mean`` carries the
     gradient) and the CFG-combined velocity v (B, C, h, w). ``cfg_grad``: which CFG branches
@@ -258,12 +334,17 @@ def rescore_step(
     s, s_next = float(sigmas[step]), float(sigmas[step + 1])
     x = traj.latents[:, step]
     v = model.velocity(
-        x, s, cond, guidance_scale=guidance_scale, adapters=adapters, cfg_grad=cfg_grad
+        x, s, cond, guidance_scale=spec.guidance_scale, adapters=adapters, cfg_grad=cfg_grad
     )
-    out = step_fn(kind)(
-        v, x, s, s_next, noise_level, sigma_max=float(sigmas[1]),
+    out = step_fn(spec.kind)(
+        v,
+        x,
+        s,
+        s_next,
+        spec.noise_level,
+        sigma_max=float(sigmas[1]),
         prev_sample=traj.latents[:, step + 1],
-    )  # fmt: skip
+    )
     return out, v
 
 
@@ -273,3 +354,49 @@ def trained_steps(stochastic: Tensor, num_steps: int, timestep_fraction: float) 
     return [i for i in range(min(last, num_steps)) if bool(stochastic[i])] or [
         i for i in range(num_steps) if bool(stochastic[i])
     ]
+
+
+def task_data(cfg) -> tuple[list[list[dict]], list, list[str]]:
+    """Prompt datasets, their rewards and their log labels: one entry per ``data.datasets``
+    entry (mixing alternates between them), or the one ``data.train`` file."""
+    from flowopd.engine.run import build_reward
+
+    if cfg.data.datasets:
+        datasets = [load_prompts(d.path, task=d.reward or None) for d in cfg.data.datasets]
+        rewards = [build_reward(cfg.reward, d.reward) for d in cfg.data.datasets]
+        return datasets, rewards, [d.label for d in cfg.data.datasets]
+    return [load_prompts(cfg.data.train)], [build_reward(cfg.reward)], [""]
+
+
+@dataclass
+class GroupScores:
+    """An epoch's rewards gathered from all processes, with group-relative advantages.
+
+    rewards, group_ids, advantages: (N_all,) over every process's samples, in rank order
+    (``algorithms.group_advantages``: ``(r - mean_group) / std``, clipped to +-clip).
+    """
+
+    rewards: Tensor
+    group_ids: Tensor
+    advantages: Tensor
+    clip: float
+
+    @classmethod
+    def gather(cls, ro: Rollouts, *, std: str, clip: float) -> GroupScores:
+        from flowopd.algorithms import group_advantages
+        from flowopd.engine import distributed as dist
+
+        all_r, all_g = dist.gather_cat(ro.rewards), dist.gather_cat(ro.group_ids)
+        return cls(all_r, all_g, group_advantages(all_r, all_g, std=std, clip=clip), clip)
+
+    def mine(self, values: Tensor, rank: int, n: int) -> Tensor:
+        """This process's rows ``rank * n .. (rank + 1) * n`` of an (N_all,) tensor."""
+        return values[rank * n : (rank + 1) * n]
+
+    def record(self) -> dict:
+        """Advantage statistics, reward mean / std and images this epoch, for the log."""
+        from flowopd.algorithms.advantages import advantage_stats
+
+        rec = advantage_stats(self.rewards, self.group_ids, self.advantages, clip=self.clip)
+        rec.update(reward_mean=float(self.rewards.mean()), reward_std=float(self.rewards.std()))
+        return rec

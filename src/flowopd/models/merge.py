@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +37,7 @@ import torch
 from torch import Tensor
 
 from flowopd.errors import UserError, unknown
+from flowopd.models.adapters import LoraFile, read_lora, write_lora
 
 __all__ = [
     "MERGE_METHODS",
@@ -55,9 +53,6 @@ __all__ = [
 ]
 
 MERGE_METHODS = ("ab_mean", "delta")
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-_META_KEY = "lora_adapter_metadata"
-_PREFIX = "transformer."
 
 
 # --------------------------------------------------------------------------------------
@@ -143,98 +138,6 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
     if den == 0:
         return 0.0 if num == 0 else math.inf
     return num / den
-
-
-# --------------------------------------------------------------------------------------
-# LoRA directories
-
-
-@dataclass
-class LoraFile:
-    """A LoRA read from a diffusers-format directory.
-
-    modules: ``{module path: (A (r, in), B (out, r))}`` (peft names, no ``transformer.``);
-    config: the peft ``LoraConfig`` fields (r, lora_alpha, target_modules, ...).
-    """
-
-    modules: dict[str, tuple[Tensor, Tensor]]
-    config: dict = field(default_factory=dict)
-
-    def scale(self, module: str) -> float:
-        """alpha / r of a module (alpha / sqrt(r) with rsLoRA; r read from A's shape)."""
-        r = self.modules[module][0].shape[0]
-        alpha = float(self.config.get("lora_alpha", r))
-        return alpha / (math.sqrt(r) if self.config.get("use_rslora") else r)
-
-
-def _weights_file(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    f = p if p.is_file() else p / LORA_WEIGHTS
-    if not f.is_file():
-        raise UserError(f"LoRA '{path}' not found: expected a directory containing {LORA_WEIGHTS}")
-    return f
-
-
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a diffusers-format LoRA directory (or its safetensors file)."""
-    from safetensors import safe_open
-
-    from flowopd.models.adapters import read_safetensors_header
-
-    f = _weights_file(path)
-    read_safetensors_header(f)  # a one-line error for a file that is not safetensors
-    with safe_open(str(f), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-    config = {}
-    if _META_KEY in meta:
-        raw = json.loads(meta[_META_KEY])
-        config = {k.removeprefix(_PREFIX): v for k, v in raw.items()}
-    if config.get("alpha_pattern") or config.get("rank_pattern"):
-        raise UserError(f"LoRA '{path}' uses per-layer rank/alpha patterns; merging needs one r")
-    modules: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        name = key.removeprefix(_PREFIX)
-        for part in ("A", "B"):
-            suffix = f".lora_{part}.weight"
-            if name.endswith(suffix):
-                modules.setdefault(name.removesuffix(suffix), {})[part] = t.float()
-    bad = [m for m, ab in modules.items() if set(ab) != {"A", "B"}]
-    if not modules or bad:
-        raise UserError(f"LoRA '{path}' holds no complete lora_A/lora_B pairs ({bad[:1]})")
-    if not config:  # no metadata: diffusers loads such a file with alpha = r
-        r = next(iter(modules.values()))["A"].shape[0]
-        config = {"r": r, "lora_alpha": r}
-    return LoraFile({m: (ab["A"], ab["B"]) for m, ab in modules.items()}, config)
-
-
-def write_lora(path: str | Path, lora: LoraFile, report: MergeReport | None = None) -> None:
-    """Write ``lora`` as a diffusers-format directory, atomically (as ``save_adapter``),
-    with ``merge.json`` (the report) beside the weights when a report is given."""
-    from diffusers import StableDiffusion3Pipeline
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for m, (a, b) in lora.modules.items():
-        state[f"{m}.lora_A.weight"] = a.float().contiguous()
-        state[f"{m}.lora_B.weight"] = b.float().contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        StableDiffusion3Pipeline.save_lora_weights(
-            str(tmp),
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=lora.config,
-            safe_serialization=True,
-        )
-        if report is not None:
-            (tmp / "merge.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -338,5 +241,5 @@ def merge_loras(
     )  # fmt: skip
     lora = LoraFile(merged, config)
     if out is not None:
-        write_lora(out, lora, report)
+        write_lora(out, lora, {"merge.json": json.dumps(report.to_json(), indent=1) + "\n"})
     return lora, report

@@ -40,7 +40,7 @@ class Run:
 def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Run:
     """Processes (accelerate; CPU under torchrun works), output dir with the resolved
     config, the model on this process's device and a fresh trainable LoRA ``adapter``."""
-    from flowopd.cli.common import quiet_libraries
+    from flowopd.engine.logging import quiet_libraries
 
     quiet_libraries()
     acc = dist.setup_accelerator()
@@ -175,6 +175,21 @@ class TrainState:
         )
         self.guard = NonFiniteGuard(t.max_nonfinite)
         self.opt_steps = 0
+
+    def start(self, resume: bool):
+        """The run's ``RunLogger`` (writing on the main process) and the first epoch to
+        train: after the latest checkpoint when ``resume``, the log cut back to it."""
+        from flowopd.engine.logging import RunLogger
+
+        logger = RunLogger(self.run.out, enabled=self.run.main)
+        start_epoch = self.resume(resume)
+        logger.truncate_from(start_epoch)
+        return logger, start_epoch
+
+    def finish(self, logger) -> None:
+        """Save the final adapter (``save_final``) and close the log."""
+        self.save_final()
+        logger.close()
 
     def resume(self, enabled: bool) -> int:
         """Restore the latest checkpoint of the run (when ``enabled``); returns the start epoch."""
