@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowopd.engine.distributed import gather_shards
-from tests.recipes.conftest import cli_env, run_cli
+from tests.recipes.conftest import cli_env, free_port, run_cli
 
 
 def test_gather_shards_is_the_identity_in_one_process():
@@ -27,7 +27,7 @@ def test_two_processes_write_the_same_metrics_as_one(tmp_path, tiny_pixel_dir):
             "--num-prompts", "5", "--images-per-prompt", "3", "--steps", "3", "--batch-size", "4"]  # fmt: skip
     run_cli(*args, "--out", str(tmp_path / "one"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29561", "-m", "flowopd", *args, "--out", str(tmp_path / "two")]  # fmt: skip
+           f"--master_port={free_port()}", "-m", "flowopd", *args, "--out", str(tmp_path / "two")]  # fmt: skip
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("on 2 process(es)") == 3  # printed once (main process), per benchmark

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ def tiny_pixel_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny_pixel"
     SD3Model(build_tiny_sd3_pipeline(TINY_PIXEL), max_sequence_length=1).save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free now, for torchrun's rendezvous: a fixed port clashes when two test
+    runs share the machine (the second run's ranks abort)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli_env() -> dict[str, str]:

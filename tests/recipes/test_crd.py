@@ -20,7 +20,7 @@ from flowopd.config.crd import CRDConfig
 from flowopd.engine.checkpoint import load_checkpoint
 from flowopd.errors import UserError
 from flowopd.recipes.crd import OLD, POLICY, SAMPLER, group_batches, train_crd
-from tests.recipes.conftest import run_cli
+from tests.recipes.conftest import free_port, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,7 +229,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
     common = {"train.epochs": "1", "train.ema": "false", "crd.times_per_batch": "null"}
     _train(one, tiny_pixel_dir, **common, **{"train.batch_size": "16"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29537", "-m", "flowopd", "train", "crd", "--config",
+           f"--master_port={free_port()}", "-m", "flowopd", "train", "crd", "--config",
            str(_yaml(two, tiny_pixel_dir)), *[f"{k}={v}" for k, v in common.items()],
            "train.batch_size=8"]  # fmt: skip
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.conftest import cli_env, run_cli
+from tests.recipes.conftest import cli_env, free_port, run_cli
 
 
 def _config(tmp: Path, model: Path, **extra: str) -> list[str]:
@@ -144,7 +144,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
     run_cli(*_config(one, tiny_pixel_dir, **common, **{"train.batch_size": "16"}))
     args = _config(two, tiny_pixel_dir, **common, **{"train.batch_size": "8"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29533", "-m", "flowopd", *args]  # fmt: skip
+           f"--master_port={free_port()}", "-m", "flowopd", *args]  # fmt: skip
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r1, r2 = _log(one / "run")[0], _log(two / "run")[0]

@@ -257,14 +257,14 @@ def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir, teachers, pro
     import subprocess
     import sys
 
-    from tests.recipes.conftest import cli_env
+    from tests.recipes.conftest import cli_env, free_port
 
     cfg = _yaml(tmp_path, tiny_pixel_dir, teachers, prompts)
     common = ["train.epochs=1", "train.ema=false", "sample.batch_size=8", "reward=toy_quality",
               "train.optimizer_steps_per_epoch=1"]  # fmt: skip
     one = _train(cfg, *common, "train.batch_size=16", f"output.dir={tmp_path / 'one'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29541", "-m", "flowopd", "train", "opd", "--config", str(cfg),
+           f"--master_port={free_port()}", "-m", "flowopd", "train", "opd", "--config", str(cfg),
            *common, "train.batch_size=8", f"output.dir={tmp_path / 'two'}"]  # fmt: skip
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
