@@ -42,7 +42,7 @@ def test_render_batch_shape_range_and_determinism():
     x = render_batch(recs, seed=5)
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
     assert torch.equal(x, render_batch(recs, seed=5))
-    assert not torch.equal(x, render_batch(recs, seed=6))  # cells and free colours vary
+    assert not torch.equal(x, render_batch(recs, seed=6))  # free colours vary
     # a render depends on (seed, index, record) only, not on the rest of the batch
     y = render_batch([recs[3], recs[1]], seed=5)
     assert torch.equal(y[1], x[1])
@@ -78,6 +78,37 @@ def test_layouts_respect_counts_colours_relations_and_spacing():
             ref, obj = objs
             assert relative_position(obj.box, ref.box) == {rel}
             assert relative_position(ref.box, obj.box) == {OPPOSITE[rel]}
+
+
+def test_places_are_fixed_and_follow_the_order_the_prompt_names_objects():
+    # "a red circle and a blue triangle": the circle left, the triangle right, middle row
+    rec = next(r for r in make_records("geneval", "train", 60, seed=0, tags=["color_attr"]))
+    a, b = rec["include"]
+    for seed in range(5):
+        left, right = layout(rec, np.random.default_rng(seed))
+        assert (left.shape, left.color, right.shape, right.color) == (
+            a["class"], a["color"], b["class"], b["color"])  # fmt: skip
+        assert left.box == (2, 10, 14, 22) and right.box == (18, 10, 30, 22)
+    # only the colours the prompt leaves open vary with the draw
+    for rec in make_records("geneval", "train", 120, seed=2):
+        boxes = {tuple(o.box for o in layout(rec, np.random.default_rng(s))) for s in range(4)}
+        assert len(boxes) == 1, rec["prompt"]
+    centres = {n: [((x0 + x1) // 2, (y0 + y1) // 2) for x0, y0, x1, y1 in
+                   (o.box for o in layout(_count_record(n), np.random.default_rng(0)))]
+               for n in (2, 3, 4)}  # fmt: skip
+    assert centres == {
+        2: [(8, 16), (24, 16)],
+        3: [(8, 8), (24, 8), (16, 24)],
+        4: [(8, 8), (24, 8), (8, 24), (24, 24)],
+    }
+
+
+def _count_record(n: int) -> dict:
+    return next(
+        r
+        for r in make_records("geneval", "train", 200, seed=0, tags=["counting"])
+        if r["include"][0]["count"] == n
+    )
 
 
 def test_drawn_pixels_match_the_layout():

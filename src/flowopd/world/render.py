@@ -5,13 +5,14 @@ render every object and glyph cleanly and its remaining errors are the systemati
 taught by caption noise (``flowopd.world.noise``), not malformed shapes:
 
 - a lone object is 16 px, centred;
-- 2-4 objects are 12 px, each centred in one cell of a 2x2 grid of 16 px cells (so
-  objects are 4 px apart); which cells are used is drawn at random, except for
-  ``position`` pairs, where the relation fixes the cells: "B left of A" puts B and A
-  side by side in a random row, "B above A" one over the other in a random column;
+- 2-4 objects are 12 px, in fixed slots taken in the order the prompt names them: two
+  side by side in the middle row, three on the top row and the bottom centre, four in
+  the 2x2 grid of 16 px cells (objects are 4 px apart);
+- a ``position`` pair takes the two places its relation names: "B left of A" puts B
+  left and A right in the middle row, "B above A" B over A in the middle column;
 - text is centred on a 4 px grid: 3 characters at x = 4, 2 at x = 8, rows 12-21.
 
-Variety left: the cells used, and the colours of objects the prompt leaves uncoloured.
+Variety left: only the colours of objects the prompt leaves uncoloured. Fixed places make\nbinding positional (the first-named object is the left one), which a small model learns;\nwith places drawn at random it did not (docs/EXPERIMENTS.md, 2026-12-05).
 Edges are hard (no anti-aliasing), so every pixel is exactly a palette colour, white or
 ink.
 
@@ -38,7 +39,7 @@ SIZE_MULTI = 12  # px, an object in a cell (centred in it)
 SIZES = (SIZE_MULTI, SIZE_SINGLE)
 GAP = CELL - SIZE_MULTI  # px between objects in neighbouring cells
 TEXT_ROW = 12  # px, top of the text line
-CELLS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))  # (column, row)
+CELLS = 4  # the 2x2 grid of 16 px cells: at most 4 objects
 
 
 @dataclass(frozen=True)
@@ -73,51 +74,57 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     return m
 
 
-def _cell_box(col: int, row: int) -> tuple[int, int, int, int]:
-    off = (CELL - SIZE_MULTI) // 2
-    x0, y0 = col * CELL + off, row * CELL + off
-    return x0, y0, x0 + SIZE_MULTI, y0 + SIZE_MULTI
+def _box(cx: int, cy: int, size: int = SIZE_MULTI) -> tuple[int, int, int, int]:
+    """The ``size`` px box centred on ``(cx, cy)``."""
+    h = size // 2
+    return cx - h, cy - h, cx + h, cy + h
 
 
-def _pair_cells(rel: str, rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(reference cell, object cell) with the object ``rel`` of the reference."""
-    k = int(rng.integers(2))  # the shared row (left/right) or column (above/below)
-    if rel == "left of":
-        return (1, k), (0, k)
-    if rel == "right of":
-        return (0, k), (1, k)
-    if rel == "above":
-        return (k, 1), (k, 0)
-    if rel == "below":
-        return (k, 0), (k, 1)
-    raise ValueError(f"unsupported relation {rel!r}")
+# Slot centres (px), in reading order. Two objects sit side by side in the middle row;
+# three on the top row's two cells and the bottom row's centre; four fill the 2x2 grid.
+_MID, _Q1, _Q3 = IMAGE_SIZE // 2, CELL // 2, CELL + CELL // 2
+SLOTS: dict[int, tuple[tuple[int, int], ...]] = {
+    2: ((_Q1, _MID), (_Q3, _MID)),
+    3: ((_Q1, _Q1), (_Q3, _Q1), (_MID, _Q3)),
+    4: ((_Q1, _Q1), (_Q3, _Q1), (_Q1, _Q3), (_Q3, _Q3)),
+}
+# position pairs: (reference centre, object centre) with the object `rel` of the reference
+_PAIR: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "left of": ((_Q3, _MID), (_Q1, _MID)),
+    "right of": ((_Q1, _MID), (_Q3, _MID)),
+    "above": ((_MID, _Q3), (_MID, _Q1)),
+    "below": ((_MID, _Q1), (_MID, _Q3)),
+}
 
 
 def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
-    """Objects realising a GenEval-style record's ``include`` (exact counts), see above."""
+    """Objects realising a GenEval-style record's ``include`` (exact counts), see above.
+
+    Places are fixed: objects take the slots of their number in the order the prompt
+    names them (``include`` order), and a position pair the two places its relation
+    names. Only the colours the prompt leaves open are drawn from ``rng``.
+    """
     items = record["include"]
     objs: list[tuple[str, str]] = [
         (item["class"], item.get("color") or COLORS[int(rng.integers(len(COLORS)))])
         for item in items
         for _ in range(int(item["count"]))
     ]
-    if not 1 <= len(objs) <= len(CELLS):
-        raise ValueError(f"the world draws 1-{len(CELLS)} objects, got {len(objs)}")
+    if not 1 <= len(objs) <= CELLS:
+        raise ValueError(f"the world draws 1-{CELLS} objects, got {len(objs)}")
     rel_items = [i for i, item in enumerate(items) if "position" in item]
     if rel_items:
         # GenEval position records: two single objects, include[1] relative to include[0]
         if len(items) != 2 or len(objs) != 2 or rel_items != [1]:
             raise ValueError("position records must have two single objects, the second placed")
         rel, target = items[1]["position"]
-        if target != 0:
+        if target != 0 or rel not in _PAIR:
             raise ValueError(f"unsupported position {items[1]['position']!r}")
-        boxes = [_cell_box(*c) for c in _pair_cells(rel, rng)]
+        boxes = [_box(*c) for c in _PAIR[rel]]
     elif len(objs) == 1:
-        lo = (IMAGE_SIZE - SIZE_SINGLE) // 2
-        boxes = [(lo, lo, lo + SIZE_SINGLE, lo + SIZE_SINGLE)]
+        boxes = [_box(_MID, _MID, SIZE_SINGLE)]
     else:
-        cells = rng.permutation(len(CELLS))[: len(objs)]
-        boxes = [_cell_box(*CELLS[int(i)]) for i in cells]
+        boxes = [_box(*c) for c in SLOTS[len(objs)]]
     return [WorldObject(shape, color, box) for (shape, color), box in zip(objs, boxes, strict=True)]
 
 
