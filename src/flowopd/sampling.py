@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flowopd import sde
+from flowopd.engine.logging import progress as log_progress
 from flowopd.models.base import Cond, FlowModel
 
 KINDS = ("sde", "cps", "ode")
@@ -132,6 +133,7 @@ def sample(
     decode: bool = True,
     record: bool = True,
     noise_sign: Tensor | None = None,
+    progress: bool = False,
 ) -> SampleOutput:
     """Sample images and their trajectory.
 
@@ -147,6 +149,8 @@ def sample(
     noise_sign: optional (B,) of +1 / -1 multiplying each row's step noise (not its
         initial noise): two rows with equally seeded generators and opposite signs are an
         antithetic pair (x_T shared, every SDE step's noise mirrored).
+    progress: a bar over the denoising steps (``engine.logging.progress``: main process,
+        terminal only); callers that loop over batches show their own bar instead.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown sampler kind '{kind}'; choose one of {KINDS}")
@@ -163,7 +167,8 @@ def sample(
     stochastic = torch.tensor([kind != "ode" and lo <= i < hi for i in range(num_steps)])
 
     states, log_probs, means, stds = [x], [], [], []
-    for i in range(num_steps):
+    steps = range(num_steps)
+    for i in log_progress(steps, desc=f"sampling {b}", total=num_steps) if progress else steps:
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         v = model.velocity(x, s, cond, guidance_scale=guidance_scale, adapters=adapters)
         if stochastic[i]:

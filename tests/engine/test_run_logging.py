@@ -59,3 +59,18 @@ def test_progress_disabled_off_tty(monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     monkeypatch.setenv("FLOWOPD_NO_PROGRESS", "1")
     assert progress(items, "x") is items
+
+
+def test_sample_shows_a_bar_over_the_denoising_steps_on_a_terminal(tiny_model, monkeypatch, capsys):
+    from flowopd.sampling import sample
+
+    monkeypatch.delenv("FLOWOPD_NO_PROGRESS", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    g = torch.Generator().manual_seed(0)
+    quiet = sample(tiny_model, ["a photo of a cat"] * 2, 3, kind="ode", generator=g)
+    assert "sampling 2" not in capsys.readouterr().err  # off unless asked for
+    g = torch.Generator().manual_seed(0)
+    shown = sample(tiny_model, ["a photo of a cat"] * 2, 3, kind="ode", generator=g, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling 2" in err and "/3 [" in err  # a bar over the 3 steps
+    assert torch.equal(quiet.latents, shown.latents)  # the bar changes nothing

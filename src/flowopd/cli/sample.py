@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     gen = torch.Generator().manual_seed(args.seed)
     res = sample(model, prompts, args.steps, kind=args.kind, noise_level=args.noise_level,
-                 guidance_scale=model.default_guidance_scale if args.guidance is None else args.guidance, generator=gen, resolution=args.resolution, record=False)  # fmt: skip
+                 guidance_scale=model.default_guidance_scale if args.guidance is None else args.guidance, generator=gen, resolution=args.resolution, record=False, progress=True)  # fmt: skip
     for i, (prompt, image) in enumerate(zip(prompts, res.images, strict=True)):
         path = out / f"{i:04d}_{_slug(prompt)}.png"
         save_png(image, path)
