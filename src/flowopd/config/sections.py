@@ -29,6 +29,9 @@ __all__ = [
     "trained_steps",
     "check_trained_steps",
     "check_timestep_fraction",
+    "check_clip_range",
+    "advantage_std_field",
+    "timestep_fraction_field",
     "EvalConfig",
     "OutputConfig",
     "SD3_LORA_TARGETS",
@@ -305,7 +308,7 @@ class SampleConfig:
     noise_level: float = help_field("SDE noise level a (sigma_t = a sqrt(t / (1 - t))).", 0.7)
     kind: Literal["sde", "cps"] = help_field(
         "Stochastic step: Flow-GRPO SDE, or coefficients-preserving sampling (use "
-        "train.clip_range=1e-5 with cps).",
+        "grpo.clip_range=1e-5 with cps).",
         "sde",
     )
     sde_window_size: int = help_field(
@@ -405,7 +408,7 @@ class SampleConfig:
 class OptimConfig:
     """Optimisation (the ``train:`` section): AdamW on the LoRA weights, the epoch's
     minibatches and accumulation, EMA, the non-finite guard and the seed. Each algorithm
-    adds the knobs of its own objective in a subclass (``GRPOTrainConfig``, ...)."""
+    adds how it batches its data in a subclass (``RolloutOptimConfig``)."""
 
     lr: float = help_field("AdamW learning rate.", 3e-4)
     betas: tuple[float, float] = help_field("AdamW betas.", (0.9, 0.999))
@@ -466,8 +469,11 @@ class OptimConfig:
 
 @dataclass
 class RolloutOptimConfig(OptimConfig):
-    """Optimisation on scored rollouts (GRPO, OPD, CRD): the shared settings plus the
-    advantage clip and the gradient path through classifier-free guidance."""
+    """Optimisation on scored rollouts, shared by GRPO, OPD and CRD (objectives: grpo/opd/crd).
+
+    The shared settings plus the advantage clip and the gradient path through
+    classifier-free guidance. Each algorithm's objective knobs live in its own method
+    section (``grpo:``, ``opd:``, ``crd:``)."""
 
     cfg_grad: Literal["cond", "both"] = help_field(
         "Gradient through the CFG pair v = v_u + w (v_c - v_u) of the training forward: "
@@ -490,6 +496,19 @@ class RolloutOptimConfig(OptimConfig):
             )
 
 
+def advantage_std_field() -> Any:
+    """The ``adv_std`` field of the GRPO and CRD method sections (group advantages)."""
+    return help_field(
+        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
+        "global",
+    )
+
+
+def timestep_fraction_field() -> Any:
+    """The ``timestep_fraction`` field of the methods that train recorded steps (GRPO, OPD)."""
+    return help_field("Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99)
+
+
 def trained_steps(sample: SampleConfig, timestep_fraction: float) -> int:
     """Denoising steps trained per trajectory: the window size in Fast mode, else
     int(num_steps x timestep_fraction) (10 x 0.99 -> 9)."""
@@ -498,19 +517,25 @@ def trained_steps(sample: SampleConfig, timestep_fraction: float) -> int:
     return int(sample.num_steps * timestep_fraction)
 
 
-def check_trained_steps(sample: SampleConfig, timestep_fraction: float) -> None:
-    """UserError when ``train.timestep_fraction`` leaves no denoising step to train."""
+def check_trained_steps(sample: SampleConfig, timestep_fraction: float, key: str) -> None:
+    """UserError when ``timestep_fraction`` (the config key ``key``) leaves no denoising
+    step to train."""
     if not sample.sde_window_size and trained_steps(sample, timestep_fraction) < 1:
         raise UserError(
-            f"train.timestep_fraction={timestep_fraction} trains "
+            f"{key}={timestep_fraction} trains "
             f"int({sample.num_steps} x {timestep_fraction}) = 0 steps; "
             "raise it so at least one step is trained"
         )
 
 
-def check_timestep_fraction(timestep_fraction: float) -> None:
+def check_timestep_fraction(timestep_fraction: float, key: str) -> None:
     if not 0 < timestep_fraction <= 1:
-        raise UserError(f"train.timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        raise UserError(f"{key} must be in (0, 1], got {timestep_fraction}")
+
+
+def check_clip_range(clip_range: float, key: str) -> None:
+    if clip_range <= 0:
+        raise UserError(f"{key} must be > 0, got {clip_range}")
 
 
 @dataclass

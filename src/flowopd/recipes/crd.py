@@ -128,7 +128,7 @@ def train_crd(cfg: CRDConfig) -> Run:
 
         # 3. score: rewards -> group advantages over the whole (gathered) epoch -> targets
         t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
-        scores = GroupScores.gather(ro, std=t.adv_std, clip=t.adv_clip)
+        scores = GroupScores.gather(ro, std=c.adv_std, clip=t.adv_clip)
         a_all = crd_targets(scores.advantages, clip=t.adv_clip)  # (N_all,) in [0, 1]
         a = scores.mine(a_all, rank, len(ro)).to(model.device)  # (N,)
         x0, cond, group_ids = ro.latents.float(), ro.cond, ro.group_ids  # x0: (N, C, h, w)

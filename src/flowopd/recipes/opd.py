@@ -174,7 +174,7 @@ def _train_epoch(
     Returns the stats, each sample's KL summed over its trained steps (N,), and the number
     of trained steps."""
     model, o, t = ts.run.model, cfg.opd, cfg.train
-    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, t.timestep_fraction)
+    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, o.timestep_fraction)
     acc_steps = cfg.gradient_accumulation_steps(ts.run.world)
     routed = teachers.adapters_for(ro.records)  # (N,) teacher adapter names
     sig = ro.trajectory.sigmas
@@ -207,7 +207,7 @@ def _train_epoch(
                 traj.log_probs[:, j],
                 kl,
                 mode=o.mode,
-                clip_range=t.clip_range,
+                clip_range=o.clip_range,
                 adv_clip=t.adv_clip,
             )
             st.pop("reward")  # -kl; "reward" in the logs means the task reward
