@@ -39,6 +39,7 @@ from flowopd.config.sections import (
     RolloutOptimConfig,
     SampleConfig,
     advantage_std_field,
+    check_min,
 )
 from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
@@ -169,9 +170,7 @@ class CRDMethodConfig:
     adv_std: Literal["global", "group"] = advantage_std_field()
 
     def validate(self) -> None:
-        for name in ("beta", "beta_kl"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"crd.{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "crd", ("beta", "beta_kl"), 0, strict=True)
         if self.anchor_guidance_scale < 0:
             raise UserError(
                 f"crd.anchor_guidance_scale must be >= 0, got {self.anchor_guidance_scale}"
@@ -194,9 +193,7 @@ class CRDMethodConfig:
             )
         if self.sampler_warmup < 0:
             raise UserError(f"crd.sampler_warmup must be >= 0, got {self.sampler_warmup}")
-        for name in ("sampler_rate", "old_rate"):
-            if getattr(self, name) < 0:
-                raise UserError(f"crd.{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "crd", ("sampler_rate", "old_rate"), 0)
         for name in ("old_start", "max_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"crd.{name} must be in [0, 1), got {getattr(self, name)}")
