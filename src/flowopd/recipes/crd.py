@@ -25,7 +25,6 @@ Per epoch:
 from __future__ import annotations
 
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
@@ -163,15 +162,13 @@ def train_crd(cfg: CRDConfig) -> Run:
 def _add_snapshots(model, lora, params: list) -> None:
     """The sampler and old snapshots: adapters of the policy's LoRA shape, equal to it."""
     for name in SNAPSHOTS:
-        with warnings.catch_warnings():  # peft warns on every adapter after the first
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            model.add_adapter(
-                name,
-                rank=lora.rank,
-                alpha=lora.alpha,
-                target_modules=lora.target_modules,
-                init=lora.init if lora.init != "default" else True,
-            )
+        model.add_adapter(
+            name,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            target_modules=lora.target_modules,
+            init=lora.init if lora.init != "default" else True,
+        )
         update_snapshot(model.adapter_parameters(name), params, 0.0)
 
 
