@@ -37,6 +37,7 @@ from flowopd.algorithms import add_noise, crd_kl, crd_loss, crd_targets, implici
 from flowopd.config.crd import CRDConfig
 from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.rollouts import (
     GroupScores,
     epoch_prompts,
@@ -152,6 +153,7 @@ def train_crd(cfg: CRDConfig) -> Run:
         record.update({"decay/sampler": decays.sampler, "decay/old": decays.old})
         record["times_per_batch"] = c.times_used
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
+        record.update(evaluate_when_due(run, cfg, ts, epoch))
         end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final policy adapter in the diffusers format (EMA weights when EMA is on)

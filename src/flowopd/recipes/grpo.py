@@ -22,6 +22,7 @@ from flowopd.algorithms import grpo_loss, reference_kl
 from flowopd.config.grpo import GRPOConfig
 from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.rollouts import (
     GroupScores,
     Rollouts,
@@ -79,6 +80,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             opt_steps=ts.opt_steps, images=len(scores.rewards) * (epoch + 1), dataset=labels[d]
         )
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
+        record.update(evaluate_when_due(run, cfg, ts, epoch))
         end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final adapter in the diffusers format (EMA weights when EMA is on)

@@ -33,7 +33,8 @@ from flowopd.algorithms import mar_loss, opd_loss, step_kl
 from flowopd.config.opd import OPDConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.batches import minibatches
-from flowopd.engine.run import Run, TrainState, build_reward, end_epoch, setup_run
+from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.recipes.teachers import (
     TeacherSet,
     check_tasks,
@@ -41,6 +42,7 @@ from flowopd.recipes.teachers import (
     mixed_epoch_prompts,
     teacher_velocities,
 )
+from flowopd.rewards.combine import build_reward
 from flowopd.rollouts import (
     Rollouts,
     epoch_prompts,
@@ -114,6 +116,7 @@ def train_opd(cfg: OPDConfig) -> Run:
         record.update(_per_task(all_kl, local_r, dist.gather_cat(task_of), tasks))
         record.update(opt_steps=ts.opt_steps, images=len(all_kl) * (epoch + 1))
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
+        record.update(evaluate_when_due(run, cfg, ts, epoch))
         end_epoch(run, cfg, ts, logger, epoch, record)
 
     # final student adapter in the diffusers format (EMA weights when EMA is on)
