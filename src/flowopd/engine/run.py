@@ -7,6 +7,7 @@ build_reward``, the periodic evaluation is ``flowopd.eval.periodic``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,9 +209,20 @@ class TrainState:
         dist.barrier()
 
 
-def end_epoch(run: Run, cfg, ts: TrainState, logger, epoch: int, record: dict) -> None:
-    """Log the epoch's record, keep it in the history, checkpoint (the recipe adds the
-    evaluation's metrics first: ``flowopd.eval.periodic.evaluate_when_due``)."""
+def end_epoch(
+    run: Run,
+    cfg,
+    ts: TrainState,
+    logger,
+    epoch: int,
+    record: dict,
+    evaluate: Callable[[Run, Any, TrainState, int], dict[str, float]] | None = None,
+) -> None:
+    """Add ``evaluate(run, cfg, ts, epoch)``'s metrics to the epoch's record (the recipes
+    pass ``flowopd.eval.periodic.evaluate_when_due``: the engine imports no evaluation),
+    log it, keep it in the history, checkpoint."""
+    if evaluate is not None:
+        record.update(evaluate(run, cfg, ts, epoch))
     logger.log(epoch, record)
     run.history.append({"epoch": epoch, **record})
     ts.checkpoint(epoch, cfg.output, last=epoch + 1 == cfg.train.epochs)

@@ -1,9 +1,9 @@
 """Evaluation inside a training run: when it is due, and the benchmarks with the EMA weights.
 
-A recipe adds the metrics to its epoch record before the engine logs and checkpoints it::
+A recipe hands :func:`evaluate_when_due` to the engine's epoch end, which adds the
+metrics to the epoch's record before it logs and checkpoints it::
 
-    record.update(evaluate_when_due(run, cfg, ts, epoch))
-    end_epoch(run, cfg, ts, logger, epoch, record)
+    end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 """
 
 from __future__ import annotations

@@ -153,8 +153,7 @@ def train_crd(cfg: CRDConfig) -> Run:
         record.update({"decay/sampler": decays.sampler, "decay/old": decays.old})
         record["times_per_batch"] = c.times_used
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        record.update(evaluate_when_due(run, cfg, ts, epoch))
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final policy adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)

@@ -80,8 +80,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             opt_steps=ts.opt_steps, images=len(scores.rewards) * (epoch + 1), dataset=labels[d]
         )
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        record.update(evaluate_when_due(run, cfg, ts, epoch))
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)

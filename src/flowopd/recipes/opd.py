@@ -116,8 +116,7 @@ def train_opd(cfg: OPDConfig) -> Run:
         record.update(_per_task(all_kl, local_r, dist.gather_cat(task_of), tasks))
         record.update(opt_steps=ts.opt_steps, images=len(all_kl) * (epoch + 1))
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        record.update(evaluate_when_due(run, cfg, ts, epoch))
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final student adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)

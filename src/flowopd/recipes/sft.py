@@ -126,8 +126,7 @@ def train_sft(cfg: SFTConfig) -> Run:
         record["probe_loss"] = float(dist.gather_cat(probe.loss(model, x0, cond)).mean())
         record.update(opt_steps=ts.opt_steps, images=len(x0) * world * (epoch + 1))
         record["time/train"] = time.time() - t1
-        record.update(evaluate_when_due(run, cfg, ts, epoch))
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     ts.finish(logger)
     return run
