@@ -9,7 +9,8 @@ one base model.
 ``OPDConfig`` composes the shared sections (model / data / reward / sample / eval /
 output, the same epoch layout and divisibility rules as GRPO) with these differences:
 
-- ``opd``: teachers, anchor, loss mode, MAR strength, student init, routing key;
+- ``opd``: teachers, anchor, loss mode, MAR strength, PPO clip, trained steps, student
+  init, routing key;
 - ``reward`` may be empty: OPD's learning signal is the teachers' KL; a configured
   reward is computed on the rollouts for logging only, never in the loss;
 - ``train`` is the shared optimiser section with the paper's lr 1e-4; the PPO clip and
