@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "grpo": (GRPOConfig, train_grpo,
                  [*common, "reward={routing: {geneval: toy_geneval, ocr: toy_ocr}}",
-                  "train.beta_kl=0.04"]),
+                  "grpo.beta_kl=0.04"]),
         "opd": (OPDConfig, train_opd, [*opd_common, "opd.fused_forward=true"]),
         "opd_unfused": (OPDConfig, train_opd, [*opd_common, "opd.fused_forward=false"]),
         "opd_no_mar": (OPDConfig, train_opd, [*opd_common, "opd.mar_lambda=0"]),

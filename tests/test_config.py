@@ -202,8 +202,8 @@ def test_grpo_defaults_are_the_paper_values(base_overrides):
         40,
         0.7,
     )
-    assert (cfg.train.lr, cfg.train.clip_range, cfg.train.beta_kl) == (3e-4, 1e-4, 0.04)
-    assert cfg.train.kl_form == "public"
+    assert (cfg.train.lr, cfg.grpo.clip_range, cfg.grpo.beta_kl) == (3e-4, 1e-4, 0.04)
+    assert cfg.grpo.kl_form == "public"
 
 
 def test_grpo_derived_values(base_overrides):
@@ -275,8 +275,8 @@ def test_grpo_missing_model_path(base_overrides):
 
 
 def test_grpo_other_checks(base_overrides):
-    assert "timestep_fraction must be in (0, 1]" in _error(
-        [*base_overrides, "train.timestep_fraction=1.5"]
+    assert "grpo.timestep_fraction must be in (0, 1]" in _error(
+        [*base_overrides, "grpo.timestep_fraction=1.5"]
     )
     assert "sde_window_range [0, 12]" in _error(
         [*base_overrides, "sample.sde_window_size=2", "sample.sde_window_range=[0, 12]"]
@@ -342,7 +342,7 @@ def test_sd35m_pickscore_preset_has_flow_grpos_settings():
         GRPOConfig, REPO / "configs" / "sd35m" / "grpo_pickscore.yaml", validate=False
     )
     # Flow-GRPO's pickscore_sd3: KL 0.01 (0.04 for GenEval/OCR), the rest as the GenEval preset
-    assert cfg.reward.name == "pickscore" and cfg.train.beta_kl == 0.01
+    assert cfg.reward.name == "pickscore" and cfg.grpo.beta_kl == 0.01
     assert (cfg.model.resolution, cfg.model.guidance_scale, cfg.sample.noise_level) == (
         512,
         4.5,

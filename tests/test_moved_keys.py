@@ -1,4 +1,7 @@
-"""Keys a section no longer has: loading one (YAML or override) names where it went."""
+"""Keys a section no longer has: loading one (YAML or override) names where it went.
+
+The objective knobs live in each algorithm's method section (grpo:, opd:, crd:), not in
+the shared train: section."""
 
 from __future__ import annotations
 
@@ -6,11 +9,19 @@ import pytest
 
 from flowopd.config import load_config
 from flowopd.config.crd import CRDConfig
-from flowopd.config.grpo import GRPOConfig
+from flowopd.config.grpo import GRPO_KEYS, GRPOConfig
 from flowopd.config.opd import OPDConfig
+from flowopd.config.sections import RolloutOptimConfig
 from flowopd.errors import UserError
 
 MOVED = [
+    (GRPOConfig, "train.clip_range", "1.0e-3", "moved to grpo.clip_range"),
+    (GRPOConfig, "train.beta_kl", "0.04", "moved to grpo.beta_kl"),
+    (GRPOConfig, "train.kl_form", "exact", "moved to grpo.kl_form"),
+    (GRPOConfig, "train.adv_std", "group", "moved to grpo.adv_std"),
+    (GRPOConfig, "train.timestep_fraction", "0.5", "moved to grpo.timestep_fraction"),
+    (OPDConfig, "train.clip_range", "1.0e-4", "moved to opd.clip_range"),
+    (OPDConfig, "train.timestep_fraction", "0.99", "moved to opd.timestep_fraction"),
     (OPDConfig, "train.beta_kl", "0.0", "opd.mar_lambda"),
     (OPDConfig, "train.kl_form", "public", "OPD does not use; remove it"),
     (OPDConfig, "train.adv_std", "global", "OPD does not use; remove it"),
@@ -18,6 +29,7 @@ MOVED = [
     (CRDConfig, "train.clip_range", "1.0e-4", "CRD does not use; remove it"),
     (CRDConfig, "train.kl_form", "exact", "CRD does not use; remove it"),
     (CRDConfig, "train.timestep_fraction", "0.99", "CRD does not use; remove it"),
+    (CRDConfig, "train.adv_std", "group", "moved to crd.adv_std"),
 ]
 
 
@@ -40,11 +52,27 @@ def test_moved_key_in_yaml(tmp_path, cls, key, value, where):
     assert msg.startswith(f"{key} ") and where in msg and str(path) in msg and "\n" not in msg
 
 
-def test_grpo_keeps_its_objective_in_train():
-    cfg = load_config(
-        GRPOConfig, None, ["train.clip_range=1e-3", "train.beta_kl=0"], validate=False
+def test_each_objective_lives_in_its_method_section():
+    grpo = load_config(GRPOConfig, None, ["grpo.clip_range=1e-3", "grpo.beta_kl=0"], validate=False)
+    assert (grpo.grpo.clip_range, grpo.grpo.beta_kl) == (1e-3, 0.0)
+    opd = load_config(
+        OPDConfig, None, ["opd.clip_range=1e-3", "opd.timestep_fraction=0.5"], validate=False
     )
-    assert (cfg.train.clip_range, cfg.train.beta_kl) == (1e-3, 0.0)
+    assert (opd.opd.clip_range, opd.opd.timestep_fraction) == (1e-3, 0.5)
+    crd = load_config(CRDConfig, None, ["crd.adv_std=group"], validate=False)
+    assert crd.crd.adv_std == "group"
+    # train: is the shared optimiser section in all three (OPD and CRD change a default / help)
+    for cfg in (grpo, opd, crd):
+        assert isinstance(cfg.train, RolloutOptimConfig)
+        assert not any(hasattr(cfg.train, k) for k in GRPO_KEYS)
+    assert type(grpo.train) is RolloutOptimConfig
+
+
+def test_a_moved_key_is_named_at_any_depth_of_a_yaml_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  clip_range: 1.0e-3\n")
+    with pytest.raises(UserError, match=r"^train.clip_range moved to grpo.clip_range \(in "):
+        load_config(GRPOConfig, path, validate=False)
 
 
 def test_an_unknown_key_still_gets_a_suggestion():

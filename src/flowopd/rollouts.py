@@ -19,6 +19,7 @@ from torch import Tensor
 from flowopd import sde
 from flowopd.engine.logging import progress
 from flowopd.models.base import Cond, FlowModel
+from flowopd.rewards.combine import build_reward
 from flowopd.sampling import SampleOutput, SamplerSpec, Trajectory, sample, step_fn
 
 WORLD_PREFIX = "world:"  # data spec "world:geneval" / "world:ocr": the embedded world's train split
@@ -359,8 +360,6 @@ def trained_steps(stochastic: Tensor, num_steps: int, timestep_fraction: float) 
 def task_data(cfg) -> tuple[list[list[dict]], list, list[str]]:
     """Prompt datasets, their rewards and their log labels: one entry per ``data.datasets``
     entry (mixing alternates between them), or the one ``data.train`` file."""
-    from flowopd.engine.run import build_reward
-
     if cfg.data.datasets:
         datasets = [load_prompts(d.path, task=d.reward or None) for d in cfg.data.datasets]
         rewards = [build_reward(cfg.reward, d.reward) for d in cfg.data.datasets]

@@ -101,7 +101,7 @@ def test_check_splits_the_epoch_over_gpus(real_files, capsys):
         (["model.guidance_scale=inf"], "'model.guidance_scale' must be a finite number"),
         (["sample.noise_level=0"], "sample.noise_level=0 makes the 'sde' sampler deterministic"),
         (["sample.kind=cps", "sample.noise_level=1.5"], "a must lie in (0, 1]"),
-        (["sample.kind=cps", "train.kl_form=exact"], "set train.kl_form=public with sample.kind=cps"),
+        (["sample.kind=cps", "grpo.kl_form=exact"], "set grpo.kl_form=public with sample.kind=cps"),
         (["reward.options={geneval: {detectr: x}}"], "not an option of the 'geneval' reward (did you mean 'detector'?)"),
         (["reward.options={geneval: {detector: ./no/such/dir}}"], "reward.options.geneval.detector: './no/such/dir' not found"),
     ],

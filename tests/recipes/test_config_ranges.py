@@ -88,7 +88,7 @@ def test_every_numeric_value_is_range_checked(algo, base):
         ("opd", ["sample.noise_level=0"], "sample.noise_level=0"),
         ("crd", ["sample.kind=sde", "sample.noise_level=0"], "or sample.kind=ode"),
         ("grpo", ["sample.kind=cps", "sample.noise_level=1.2"], "a must lie in (0, 1]"),
-        ("grpo", ["sample.kind=cps", "train.kl_form=exact"], "train.kl_form=public"),
+        ("grpo", ["sample.kind=cps", "grpo.kl_form=exact"], "grpo.kl_form=public"),
         ("grpo", ["train.adv_clip=0"], "train.adv_clip must be > 0"),
     ],
 )
@@ -103,6 +103,6 @@ def test_valid_neighbours_of_degenerate_settings_load(base):
     load_config(
         GRPOConfig,
         None,
-        [*base["grpo"], "sample.kind=cps", "train.beta_kl=0", "train.kl_form=exact"],
+        [*base["grpo"], "sample.kind=cps", "grpo.beta_kl=0", "grpo.kl_form=exact"],
     )  # fmt: skip  (no KL computed)
     load_config(GRPOConfig, None, [*base["grpo"], "sample.kind=cps", "sample.noise_level=1"])

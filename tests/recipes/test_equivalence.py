@@ -61,8 +61,9 @@ def _grpo(tmp: Path) -> dict:
     body = """
 data: {train: "world:geneval"}
 reward: toy_geneval
-train: {epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3,
-        clip_range: 1.0e-3, beta_kl: 0.04, seed: 5, ema_every: 1}
+train: {epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3, seed: 5,
+        ema_every: 1}
+grpo: {clip_range: 1.0e-3, beta_kl: 0.04}
 """
     return _run(tmp, "grpo_geneval", body)
 

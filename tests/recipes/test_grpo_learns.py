@@ -31,8 +31,8 @@ model: {{path: {model}, dtype: float32, resolution: null, guidance_scale: 1.0,
 data: {{train: "world:geneval"}}
 reward: {reward}
 sample: {{num_steps: 4, group_size: 4, prompts_per_epoch: 4, batch_size: 16}}
-train: {{epochs: 20, optimizer_steps_per_epoch: 1, lr: 1.0e-2, clip_range: 1.0e-2,
-        beta_kl: 0.0, seed: 0}}
+train: {{epochs: 20, optimizer_steps_per_epoch: 1, lr: 1.0e-2, seed: 0}}
+grpo: {{clip_range: 1.0e-2, beta_kl: 0.0}}
 eval: {{every: 0}}
 output: {{dir: {tmp / reward}, checkpoint_every: 0}}
 """

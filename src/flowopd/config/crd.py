@@ -14,9 +14,10 @@ processes, sampling batches, minibatches, accumulation), with these differences:
   implicit reward and the targets over the images of each prompt (exactly, not
   approximately): ``train.batch_size`` is a multiple of ``sample.group_size``, and groups
   (not images) are shuffled into minibatches;
-- ``train`` has none of GRPO's objective knobs (``clip_range``, ``beta_kl``, ``kl_form``,
-  ``timestep_fraction``: loading one says so, and where CRD's KL weight is), and
-  ``sample.sde_window_size`` must stay 0.
+- ``train`` is the shared optimiser section: the advantage normaliser is ``crd.adv_std``,
+  and none of GRPO's objective knobs (``grpo:`` ``clip_range``, ``beta_kl``, ``kl_form``,
+  ``timestep_fraction``) applies: loading one under ``train`` says so, and where CRD's KL
+  weight is; ``sample.sde_window_size`` must stay 0.
 
 Per optimizer step the policy sees ``gradient_accumulation`` minibatches, each at
 ``crd.times_per_batch`` (default: all ``crd.num_times``) training times.
@@ -30,20 +31,17 @@ from typing import ClassVar, Literal
 import torch
 
 from flowopd.algorithms.crd import EmaDecays, ema_decays
-from flowopd.config.layout import EpochLayoutMixin
+from flowopd.config.rollout import RolloutRunConfig
 from flowopd.config.sections import (
-    DataConfig,
     EvalConfig,
     ModelConfig,
     OutputConfig,
-    RewardConfig,
     RolloutOptimConfig,
     SampleConfig,
-    check_rewards,
+    advantage_std_field,
+    check_min,
 )
-from flowopd.config.sections import (
-    help_field as _help,
-)
+from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
 from flowopd.sde import timesteps
 
@@ -88,24 +86,11 @@ class CRDSampleConfig(SampleConfig):
 class CRDTrainConfig(RolloutOptimConfig):
     """Optimisation: AdamW on the policy LoRA with the CRD objective."""
 
-    _moved: ClassVar[dict[str, str]] = {
-        "beta_kl": "is a Flow-GRPO setting that CRD does not use; remove it; CRD's KL "
-        "weight is crd.beta_kl (crd.kl_anchor=false turns it off)",
-        **{
-            k: "is a Flow-GRPO setting that CRD does not use; remove it"
-            for k in ("clip_range", "kl_form", "timestep_fraction")
-        },
-    }
-
     cfg_grad: Literal["cond", "both"] = _help(
         "Gradient through the student's CFG pair (as in Flow-GRPO: 'cond' detaches the "
         "unconditional prediction). No effect at CRD's default model.guidance_scale=1.0 "
         "(the student runs without CFG); the KL anchor's guided base is never differentiated.",
         "cond",
-    )
-    adv_std: Literal["global", "group"] = _help(
-        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
-        "global",
     )
 
 
@@ -118,7 +103,7 @@ class CRDOutputConfig(OutputConfig):
 
 @dataclass
 class CRDMethodConfig:
-    """Centered Reward Distillation: the objective, its KL anchor, the snapshots, the times."""
+    """Centered Reward Distillation: objective, advantages, KL anchor, snapshots, times."""
 
     beta: float = _help(
         "Implicit-reward temperature beta in L = (1/beta) mean_i [beta l_c,i - a_c,i]^2. "
@@ -182,11 +167,10 @@ class CRDMethodConfig:
     )
     old_rate: float = _help("Growth of the old snapshot's decay per optimizer step.", 0.005)
     max_decay: float = _help("Cap of both snapshot decays.", 0.999)
+    adv_std: Literal["global", "group"] = advantage_std_field()
 
     def validate(self) -> None:
-        for name in ("beta", "beta_kl"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"crd.{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "crd", ("beta", "beta_kl"), 0, strict=True)
         if self.anchor_guidance_scale < 0:
             raise UserError(
                 f"crd.anchor_guidance_scale must be >= 0, got {self.anchor_guidance_scale}"
@@ -209,9 +193,7 @@ class CRDMethodConfig:
             )
         if self.sampler_warmup < 0:
             raise UserError(f"crd.sampler_warmup must be >= 0, got {self.sampler_warmup}")
-        for name in ("sampler_rate", "old_rate"):
-            if getattr(self, name) < 0:
-                raise UserError(f"crd.{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "crd", ("sampler_rate", "old_rate"), 0)
         for name in ("old_start", "max_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"crd.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -239,24 +221,32 @@ class CRDMethodConfig:
 
 
 @dataclass
-class CRDConfig(EpochLayoutMixin):
+class CRDConfig(RolloutRunConfig):
     """A CRD run (SD3.5-M defaults of METHODS.md §4)."""
+
+    _moved: ClassVar[dict[str, str]] = {
+        "train.adv_std": "moved to crd.adv_std",
+        "train.beta_kl": "is a Flow-GRPO setting that CRD does not use; remove it; CRD's KL "
+        "weight is crd.beta_kl (crd.kl_anchor=false turns it off)",
+        **{
+            f"train.{k}": "is a Flow-GRPO setting that CRD does not use; remove it"
+            for k in ("clip_range", "kl_form", "timestep_fraction")
+        },
+    }
 
     model: CRDModelConfig = _help(
         "Base model and LoRA; model.guidance_scale is the student's (1.0: no CFG).",
         factory=CRDModelConfig,
     )
-    data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
-    reward: RewardConfig = _help("Reward.", factory=RewardConfig)
     sample: CRDSampleConfig = _help(
         "Rollouts (from the sampler snapshot).", factory=CRDSampleConfig
     )
     train: CRDTrainConfig = _help("Optimisation.", factory=CRDTrainConfig)
+    eval: EvalConfig = _help("Evaluation (policy adapter, EMA when train.ema).", factory=EvalConfig)
+    output: CRDOutputConfig = _help("Outputs.", factory=CRDOutputConfig)
     crd: CRDMethodConfig = _help(
         "The CRD objective and its drift controls.", factory=CRDMethodConfig
     )
-    eval: EvalConfig = _help("Evaluation (policy adapter, EMA when train.ema).", factory=EvalConfig)
-    output: CRDOutputConfig = _help("Outputs.", factory=CRDOutputConfig)
 
     @property
     def groups_per_batch(self) -> int:
@@ -265,21 +255,12 @@ class CRDConfig(EpochLayoutMixin):
 
     # -- checks -------------------------------------------------------------------------
 
-    def validate(self) -> None:
-        """Cross-section checks (each section checked itself already)."""
-        check_rewards(self.reward, self.data)
-        self.eval.resolved_benchmarks(self.data.test)
+    def check_method(self) -> None:
         if self.sample.sde_window_size:
             raise UserError(
                 f"sample.sde_window_size={self.sample.sde_window_size} is a Flow-GRPO "
                 "setting that CRD does not use; remove it"
             )
-        if self.train.adv_clip <= 0:
-            raise UserError(
-                f"train.adv_clip must be > 0 for CRD (targets a = clip(A, -c, c) / 2c + 0.5), "
-                f"got {self.train.adv_clip}"
-            )
-        self.check_distributed(1)
 
     def check_distributed(self, world_size: int) -> None:
         """Raise UserError unless the epoch splits over ``world_size`` processes.

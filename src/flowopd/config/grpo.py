@@ -1,6 +1,10 @@
-"""The Flow-GRPO run config: the shared sections, derived values and cross-section checks.
+"""The Flow-GRPO run config: the shared sections plus a ``grpo`` section (METHODS.md §2).
 
-How an epoch is laid out (what the divisibility rules below protect):
+``grpo:`` holds the clipped objective's knobs (``clip_range``, ``beta_kl``, ``kl_form``,
+``adv_std``, ``timestep_fraction``); ``train:`` is the shared optimiser section. The keys
+lived in ``train:`` before; loading ``train.clip_range`` says where it went.
+
+How an epoch is laid out (what the divisibility rules of ``config.layout`` protect):
 
 - each of the ``W`` processes takes ``prompts_per_epoch / W`` whole prompts and samples
   all ``group_size`` images of each of them, so a group never spans processes;
@@ -13,32 +17,26 @@ How an epoch is laid out (what the divisibility rules below protect):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from flowopd.config.layout import EpochLayoutMixin
+from flowopd.config.rollout import RolloutRunConfig
 from flowopd.config.sections import (
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    OutputConfig,
-    RewardConfig,
-    RolloutOptimConfig,
-    SampleConfig,
-    check_rewards,
+    advantage_std_field,
+    check_clip_range,
     check_timestep_fraction,
     check_trained_steps,
+    timestep_fraction_field,
     trained_steps,
 )
 from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
 
-__all__ = ["GRPOTrainConfig", "GRPOConfig"]
+__all__ = ["GRPOSection", "GRPOConfig", "GRPO_KEYS"]
 
 
 @dataclass
-class GRPOTrainConfig(RolloutOptimConfig):
-    """Optimisation with the clipped GRPO objective: the shared ``train:`` settings plus
-    the PPO clip, the KL to the base model, the advantage normaliser and the trained steps."""
+class GRPOSection:
+    """Flow-GRPO's objective: PPO clip, KL to the base, advantage normaliser, trained steps."""
 
     clip_range: float = _help("PPO ratio clip eps (1e-4 for the SDE, 1e-5 for CPS).", 1e-4)
     beta_kl: float = _help(
@@ -50,21 +48,18 @@ class GRPOTrainConfig(RolloutOptimConfig):
         "'exact' = the Gaussian KL ||dmean||^2 / (2 std^2 (-dt)).",
         "public",
     )
-    adv_std: Literal["global", "group"] = _help(
-        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
-        "global",
-    )
-    timestep_fraction: float = _help(
-        "Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99
-    )
+    adv_std: Literal["global", "group"] = advantage_std_field()
+    timestep_fraction: float = timestep_fraction_field()
 
     def validate(self) -> None:
-        check_timestep_fraction(self.timestep_fraction)
-        if self.clip_range <= 0:
-            raise UserError(f"train.clip_range must be > 0, got {self.clip_range}")
+        check_timestep_fraction(self.timestep_fraction, "grpo.timestep_fraction")
+        check_clip_range(self.clip_range, "grpo.clip_range")
         if self.beta_kl < 0:
-            raise UserError(f"train.beta_kl must be >= 0, got {self.beta_kl}")
-        super().validate()
+            raise UserError(f"grpo.beta_kl must be >= 0, got {self.beta_kl}")
+
+
+# the keys of the grpo: section that train: held before it existed
+GRPO_KEYS = ("clip_range", "beta_kl", "kl_form", "adv_std", "timestep_fraction")
 
 
 # --------------------------------------------------------------------------------------
@@ -72,33 +67,24 @@ class GRPOTrainConfig(RolloutOptimConfig):
 
 
 @dataclass
-class GRPOConfig(EpochLayoutMixin):
+class GRPOConfig(RolloutRunConfig):
     """A Flow-GRPO run (SD3.5-M defaults of METHODS.md §2)."""
 
-    model: ModelConfig = _help("Base model and LoRA.", factory=ModelConfig)
-    data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
-    reward: RewardConfig = _help("Reward.", factory=RewardConfig)
-    sample: SampleConfig = _help("Rollouts.", factory=SampleConfig)
-    train: GRPOTrainConfig = _help("Optimisation.", factory=GRPOTrainConfig)
-    eval: EvalConfig = _help("Evaluation.", factory=EvalConfig)
-    output: OutputConfig = _help("Outputs.", factory=OutputConfig)
+    _moved: ClassVar[dict[str, str]] = {f"train.{k}": f"moved to grpo.{k}" for k in GRPO_KEYS}
+
+    grpo: GRPOSection = _help("The clipped GRPO objective.", factory=GRPOSection)
 
     @property
     def trained_steps(self) -> int:
         """Denoising steps trained per trajectory (window size, else 10 x 0.99 -> 9)."""
-        return trained_steps(self.sample, self.train.timestep_fraction)
+        return trained_steps(self.sample, self.grpo.timestep_fraction)
 
-    def validate(self) -> None:
-        """Cross-section checks (each section checked itself already; see validate_config)."""
-        check_rewards(self.reward, self.data)
-        self.eval.resolved_benchmarks(self.data.test)
-        if self.sample.kind == "cps" and self.train.kl_form == "exact" and self.train.beta_kl:
+    def check_method(self) -> None:
+        g = self.grpo
+        if self.sample.kind == "cps" and g.kl_form == "exact" and g.beta_kl:
             raise UserError(
-                "train.kl_form=exact is the KL of the Flow-GRPO SDE step (transition std "
+                "grpo.kl_form=exact is the KL of the Flow-GRPO SDE step (transition std "
                 "sigma_t sqrt(-dt)); a CPS step's std carries no dt, so its KL is the 'public' "
-                "form: set train.kl_form=public with sample.kind=cps"
+                "form: set grpo.kl_form=public with sample.kind=cps"
             )
-        check_trained_steps(self.sample, self.train.timestep_fraction)
-        # Every divisibility rule that holds for W processes also holds for W = 1, so the
-        # single-process check here catches what no process count can fix.
-        self.check_distributed(1)
+        check_trained_steps(self.sample, g.timestep_fraction, "grpo.timestep_fraction")

@@ -19,9 +19,10 @@ error is one line naming the key and the fix, e.g.
 
 A dataclass may set ``_shorthand: ClassVar[str] = "name"`` so that a scalar given where
 the section is expected fills that one field (``reward: ocr`` == ``reward: {name: ocr}``),
-and ``_moved: ClassVar[dict[str, str]]`` for keys it no longer has: loading
-``train.beta_kl`` where ``_moved = {"beta_kl": "moved to crd.beta_kl"}`` (in YAML or as
-an override) raises ``train.beta_kl moved to crd.beta_kl``.
+and ``_moved: ClassVar[dict[str, str]]`` for keys it no longer has, relative to itself
+and dotted for keys of its sections: loading ``train.clip_range`` where the run config
+sets ``_moved = {"train.clip_range": "moved to grpo.clip_range"}`` (in YAML or as an
+override) raises ``train.clip_range moved to grpo.clip_range``.
 
 Why not a library: pydantic, omegaconf, tyro, draccus and jsonargparse each do part of
 this, but none gives one-line errors with a near-spelling hint, the ``key=value`` override
@@ -216,12 +217,20 @@ def _where(where: str) -> str:
     return f" (in {where})" if where not in ("defaults", "") else ""
 
 
+def _check_moved(cls: type, data: Mapping[str, Any], prefix: str, where: str) -> None:
+    """UserError ``'train.clip_range moved to grpo.clip_range'`` when ``data`` holds a key
+    that ``cls._moved`` lists (``'key'`` of this section or ``'section.key'`` below it)."""
+    for path, note in getattr(cls, "_moved", {}).items():
+        node: Any = data
+        for part in path.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is not _MISSING:  # a key this config had once: say where it went
+            raise UserError(f"{_join(prefix, path)} {note}{_where(where)}")
+
+
 def _unknown_key(cls: type, key: str, prefix: str, where: str) -> UserError:
     names = [f.name for f in dataclasses.fields(cls)]
     full = _join(prefix, key)
-    moved = getattr(cls, "_moved", {}).get(key)
-    if moved:  # a key this section had once: say where it went
-        return UserError(f"{full} {moved}{_where(where)}")
     # 'lr=1e-4' at the top level: point to the section that has exactly that key, before
     # guessing a near spelling in this section, then a near spelling in a nested section.
     exact = [p for p in _leaf_paths(cls, prefix) if p.rpartition(".")[2] == key]
@@ -264,6 +273,7 @@ def _build_dataclass(cls: type[T], data: Any, prefix: str, where: str) -> T:
     if not isinstance(data, Mapping):
         what = f"'{prefix}'" if prefix else "the config"
         raise UserError(f"{what} must be a mapping of keys{_where(where)}, got {_describe(data)}")
+    _check_moved(cls, data, prefix, where)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -470,6 +480,14 @@ def _parse_value(raw: str, tp: Any, key: str) -> Any:
         ) from None
 
 
+def _nested(parts: list[str]) -> dict[str, Any]:
+    """``['train', 'lr']`` -> ``{'train': {'lr': None}}``: an override's key as a mapping."""
+    node: dict[str, Any] = {parts[-1]: None}
+    for part in reversed(parts[:-1]):
+        node = {part: node}
+    return node
+
+
 def _set_path(cfg: Any, key: str, raw: str) -> None:
     parts = key.split(".")
     obj: Any = cfg
@@ -478,6 +496,7 @@ def _set_path(cfg: Any, key: str, raw: str) -> None:
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             cls = type(obj)
+            _check_moved(cls, _nested(parts[i:]), prefix, "overrides")
             names = {f.name for f in dataclasses.fields(cls)}
             if part not in names:
                 raise _unknown_key(cls, part, prefix, "overrides")

@@ -9,11 +9,14 @@ one base model.
 ``OPDConfig`` composes the shared sections (model / data / reward / sample / eval /
 output, the same epoch layout and divisibility rules as GRPO) with these differences:
 
-- ``opd``: teachers, anchor, loss mode, MAR strength, student init, routing key;
+- ``opd``: teachers, anchor, loss mode, MAR strength, PPO clip, trained steps, student
+  init, routing key;
 - ``reward`` may be empty: OPD's learning signal is the teachers' KL; a configured
   reward is computed on the rollouts for logging only, never in the loss;
-- ``train`` defaults to the paper's lr 1e-4 and has no ``beta_kl`` (GRPO's KL to the
-  base is replaced by MAR, whose default anchor is the base model);
+- ``train`` is the shared optimiser section with the paper's lr 1e-4; the PPO clip and
+  the trained steps (``clip_range``, ``timestep_fraction``) are ``opd`` keys, and there
+  is no ``beta_kl`` (GRPO's KL to the base is replaced by MAR, whose default anchor is
+  the base model);
 - ``sample.kind`` must be ``sde``: the closed-form KL weight ``w(t)`` is derived for the
   Flow-GRPO SDE step.
 
@@ -29,18 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from flowopd.config.layout import EpochLayoutMixin
+from flowopd.config.rollout import RolloutRunConfig
 from flowopd.config.sections import (
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
     OutputConfig,
     RewardConfig,
     RolloutOptimConfig,
-    SampleConfig,
+    check_clip_range,
     check_rewards,
     check_timestep_fraction,
     check_trained_steps,
+    timestep_fraction_field,
     trained_steps,
 )
 from flowopd.config.sections import help_field as _help
@@ -138,7 +139,7 @@ def teacher_table(teachers: list[TeacherConfig], where: str = "opd.teachers") ->
 
 @dataclass
 class OPDSection:
-    """Flow-OPD: routed teachers, anchor (MAR), loss mode, student init (METHODS.md §3)."""
+    """Flow-OPD: routed teachers, anchor (MAR), loss, PPO clip, trained steps, student init."""
 
     teachers: list[TeacherConfig] = _help(
         "Teachers, one LoRA per task: [{path: DIR, tasks: [TASK, ...], name: ''}, ...].",
@@ -178,6 +179,8 @@ class OPDSection:
         "(2B rows) instead of two.",
         True,
     )
+    clip_range: float = _help("PPO ratio clip eps of the PPO modes.", 1e-4)
+    timestep_fraction: float = timestep_fraction_field()
 
     def teacher_of(self) -> dict[str, str]:
         """``{task: teacher adapter name}``."""
@@ -185,6 +188,8 @@ class OPDSection:
 
     def validate(self) -> None:
         self.teacher_of()
+        check_timestep_fraction(self.timestep_fraction, "opd.timestep_fraction")
+        check_clip_range(self.clip_range, "opd.clip_range")
         if self.mar_lambda < 0:
             raise UserError(f"opd.mar_lambda must be >= 0, got {self.mar_lambda}")
         if self.anchor:
@@ -197,27 +202,10 @@ class OPDSection:
 
 @dataclass
 class OPDTrainConfig(RolloutOptimConfig):
-    """Optimisation: AdamW on the student LoRA; clip_range and adv_clip (the clip of the
-    advantage -KL) act on the PPO modes."""
-
-    _moved: ClassVar[dict[str, str]] = {
-        "beta_kl": "is Flow-GRPO's KL to the base, not an OPD setting: remove it; OPD's "
-        "regulariser is opd.mar_lambda (MAR, anchored to the base by default)",
-        "kl_form": "is a Flow-GRPO setting that OPD does not use; remove it",
-        "adv_std": "is a Flow-GRPO setting that OPD does not use; remove it",
-    }
+    """Optimisation: AdamW on the student LoRA; adv_clip clips the advantage -KL of the
+    PPO modes."""
 
     lr: float = _help("AdamW learning rate (the Flow-OPD paper: 1e-4).", 1e-4)
-    clip_range: float = _help("PPO ratio clip eps of the PPO modes.", 1e-4)
-    timestep_fraction: float = _help(
-        "Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99
-    )
-
-    def validate(self) -> None:
-        check_timestep_fraction(self.timestep_fraction)
-        if self.clip_range <= 0:
-            raise UserError(f"train.clip_range must be > 0, got {self.clip_range}")
-        super().validate()
 
 
 @dataclass
@@ -228,37 +216,41 @@ class OPDOutputConfig(OutputConfig):
 
 
 @dataclass
-class OPDConfig(EpochLayoutMixin):
+class OPDConfig(RolloutRunConfig):
     """A Flow-OPD run (the paper's SD3.5-M defaults of METHODS.md §3)."""
 
-    model: ModelConfig = _help("Base model and LoRA.", factory=ModelConfig)
-    data: DataConfig = _help("Prompt datasets.", factory=DataConfig)
+    _moved: ClassVar[dict[str, str]] = {
+        "train.clip_range": "moved to opd.clip_range",
+        "train.timestep_fraction": "moved to opd.timestep_fraction",
+        "train.beta_kl": "is Flow-GRPO's KL to the base, not an OPD setting: remove it; OPD's "
+        "regulariser is opd.mar_lambda (MAR, anchored to the base by default)",
+        "train.kl_form": "is a Flow-GRPO setting that OPD does not use; remove it",
+        "train.adv_std": "is a Flow-GRPO setting that OPD does not use; remove it",
+    }
+
     reward: RewardConfig = _help("Reward (logged only; may be empty).", factory=RewardConfig)
-    sample: SampleConfig = _help("Rollouts.", factory=SampleConfig)
     train: OPDTrainConfig = _help("Optimisation.", factory=OPDTrainConfig)
-    eval: EvalConfig = _help("Evaluation.", factory=EvalConfig)
     output: OPDOutputConfig = _help("Outputs.", factory=OPDOutputConfig)
-    opd: OPDSection = _help("Teachers, anchor, loss.", factory=OPDSection)
+    opd: OPDSection = _help("Teachers, anchor, loss (METHODS.md §3).", factory=OPDSection)
 
     @property
     def trained_steps(self) -> int:
         """Denoising steps trained per trajectory (window size, else 10 x 0.99 -> 9)."""
-        return trained_steps(self.sample, self.train.timestep_fraction)
+        return trained_steps(self.sample, self.opd.timestep_fraction)
 
     @property
     def has_reward(self) -> bool:
         """True when rewards are configured (then computed for logging only)."""
         return self.reward.mode != "none" or any(d.reward for d in self.data.datasets)
 
-    def validate(self) -> None:
-        """Cross-section checks (each section checked itself already; see validate_config)."""
+    def check_rewards(self) -> None:
         # Rewards only feed the logs in OPD, so none at all is fine; any that is given is
         # checked as GRPO checks it.
         if self.has_reward or self.reward.options:
             check_rewards(self.reward, self.data)
-        self.eval.resolved_benchmarks(self.data.test)
-        check_trained_steps(self.sample, self.train.timestep_fraction)
-        self.check_distributed(1)
+
+    def check_method(self) -> None:
+        check_trained_steps(self.sample, self.opd.timestep_fraction, "opd.timestep_fraction")
         if self.sample.kind != "sde":
             raise UserError(
                 f"sample.kind={self.sample.kind}: OPD's closed-form step KL is derived for "

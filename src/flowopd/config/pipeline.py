@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from flowopd.config.sections import check_benchmarks, check_min
+from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
-
-
-def _help(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -58,11 +54,7 @@ class PipelineEval:
     seed: int = _help("Noise seed of the evaluation.", 0)
 
     def validate(self) -> None:
-        from flowopd.config.sections import check_benchmarks
-
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "eval", ("steps", "batch_size"), 1)
         if self.seed < 0:
             raise UserError(f"eval.seed must be >= 0, got {self.seed}")
         if self.n is not None and self.n < 1:

@@ -10,6 +10,7 @@ these sections with its own method section.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -29,11 +30,16 @@ __all__ = [
     "trained_steps",
     "check_trained_steps",
     "check_timestep_fraction",
+    "check_clip_range",
+    "advantage_std_field",
+    "timestep_fraction_field",
     "EvalConfig",
     "OutputConfig",
     "SD3_LORA_TARGETS",
     "check_benchmarks",
     "check_rewards",
+    "check_min",
+    "help_field",
 ]
 
 # Flow-GRPO's targets: the joint attention's image-stream q/k/v/out and text (context)
@@ -47,6 +53,18 @@ def help_field(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
+
+
+def check_min(
+    section: Any, prefix: str, names: Sequence[str], lo: float, *, strict: bool = False
+) -> None:
+    """UserError unless each named field of ``section`` is >= ``lo`` (> ``lo`` when
+    ``strict``): ``check_min(t, "train", ["ema_every"], 1)`` -> ``train.ema_every must be
+    >= 1, got 0``."""
+    for name in names:
+        value = getattr(section, name)
+        if value <= lo if strict else value < lo:
+            raise UserError(f"{prefix}.{name} must be {'>' if strict else '>='} {lo}, got {value}")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,7 +323,7 @@ class SampleConfig:
     noise_level: float = help_field("SDE noise level a (sigma_t = a sqrt(t / (1 - t))).", 0.7)
     kind: Literal["sde", "cps"] = help_field(
         "Stochastic step: Flow-GRPO SDE, or coefficients-preserving sampling (use "
-        "train.clip_range=1e-5 with cps).",
+        "grpo.clip_range=1e-5 with cps).",
         "sde",
     )
     sde_window_size: int = help_field(
@@ -403,29 +421,19 @@ class SampleConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimisation (the ``train:`` section): AdamW on the LoRA weights, the epoch's
-    minibatches and accumulation, EMA, the non-finite guard and the seed. Each algorithm
-    adds the knobs of its own objective in a subclass (``GRPOTrainConfig``, ...)."""
+    """Optimisation: AdamW on the LoRA weights, the epochs, EMA, the guard and the seed.
+
+    Every algorithm's ``train:`` section is this one or a subclass that adds how it batches
+    its data (``RolloutOptimConfig``, SFT's ``SFTTrainConfig``)."""
 
     lr: float = help_field("AdamW learning rate.", 3e-4)
     betas: tuple[float, float] = help_field("AdamW betas.", (0.9, 0.999))
     weight_decay: float = help_field("AdamW weight decay.", 1e-4)
     max_grad_norm: float = help_field("Gradient-norm clip (0 = off).", 1.0)
-    batch_size: int | None = help_field(
-        "Training minibatch (trajectories) per process; null = sample.batch_size.", None
-    )
-    gradient_accumulation: int | None = help_field(
-        "Minibatches per optimizer step; null = derived from train.optimizer_steps_per_epoch.",
-        None,
-    )
-    optimizer_steps_per_epoch: int = help_field(
-        "Optimizer steps per pass over an epoch's samples, used to derive "
-        "gradient_accumulation when it is null (the paper: 2).",
-        2,
-    )
-    inner_epochs: int = help_field("Passes over each epoch's samples.", 1)
     epochs: int = help_field("Training epochs (sample + train rounds).", 1000)
-    ema: bool = help_field("Keep an EMA of the LoRA weights and evaluate with it.", True)
+    ema: bool = help_field(
+        "Keep an EMA of the LoRA weights; evaluate with it and save it as the final LoRA.", True
+    )
     ema_decay: float = help_field("EMA decay cap: decay = min((1 + s) / (10 + s), ema_decay).", 0.9)
     ema_every: int = help_field("Update the EMA every this many optimizer steps.", 8)
     max_nonfinite: int = help_field(
@@ -441,23 +449,12 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise UserError(f"train.lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "train", ("weight_decay", "max_grad_norm"), 0)
         if not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
-        for name in ("inner_epochs", "optimizer_steps_per_epoch", "ema_every", "max_nonfinite"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "train", ("ema_every", "max_nonfinite"), 1)
         if self.epochs < 0:
             raise UserError(f"train.epochs must be >= 0, got {self.epochs}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"train.batch_size must be >= 1 (or null), got {self.batch_size}")
-        if self.gradient_accumulation is not None and self.gradient_accumulation < 1:
-            raise UserError(
-                f"train.gradient_accumulation must be >= 1 (or null), "
-                f"got {self.gradient_accumulation}"
-            )
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.seed < 0:
@@ -466,9 +463,25 @@ class OptimConfig:
 
 @dataclass
 class RolloutOptimConfig(OptimConfig):
-    """Optimisation on scored rollouts (GRPO, OPD, CRD): the shared settings plus the
-    advantage clip and the gradient path through classifier-free guidance."""
+    """Optimisation on scored rollouts, shared by GRPO, OPD and CRD (objectives: grpo/opd/crd).
 
+    The shared settings plus the epoch's minibatches and accumulation, the advantage clip
+    and the gradient path through classifier-free guidance. Each algorithm's objective
+    knobs live in its own method section (``grpo:``, ``opd:``, ``crd:``)."""
+
+    batch_size: int | None = help_field(
+        "Training minibatch (trajectories) per process; null = sample.batch_size.", None
+    )
+    gradient_accumulation: int | None = help_field(
+        "Minibatches per optimizer step; null = derived from train.optimizer_steps_per_epoch.",
+        None,
+    )
+    optimizer_steps_per_epoch: int = help_field(
+        "Optimizer steps per pass over an epoch's samples, used to derive "
+        "gradient_accumulation when it is null (the paper: 2).",
+        2,
+    )
+    inner_epochs: int = help_field("Passes over each epoch's samples.", 1)
     cfg_grad: Literal["cond", "both"] = help_field(
         "Gradient through the CFG pair v = v_u + w (v_c - v_u) of the training forward: "
         "'cond' (Flow-GRPO's training code) detaches the unconditional prediction, so the "
@@ -483,11 +496,32 @@ class RolloutOptimConfig(OptimConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_min(self, "train", ("inner_epochs", "optimizer_steps_per_epoch"), 1)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"train.batch_size must be >= 1 (or null), got {self.batch_size}")
+        if self.gradient_accumulation is not None and self.gradient_accumulation < 1:
+            raise UserError(
+                f"train.gradient_accumulation must be >= 1 (or null), "
+                f"got {self.gradient_accumulation}"
+            )
         if self.adv_clip <= 0:
             raise UserError(
                 f"train.adv_clip must be > 0 (advantages are clipped to +-adv_clip; 0 zeroes "
                 f"every one), got {self.adv_clip}"
             )
+
+
+def advantage_std_field() -> Any:
+    """The ``adv_std`` field of the GRPO and CRD method sections (group advantages)."""
+    return help_field(
+        "Advantage normaliser: std of all rewards of the epoch ('global') or of the group.",
+        "global",
+    )
+
+
+def timestep_fraction_field() -> Any:
+    """The ``timestep_fraction`` field of the methods that train recorded steps (GRPO, OPD)."""
+    return help_field("Train on the first int(num_steps * fraction) steps (0.99 -> 9 of 10).", 0.99)
 
 
 def trained_steps(sample: SampleConfig, timestep_fraction: float) -> int:
@@ -498,19 +532,25 @@ def trained_steps(sample: SampleConfig, timestep_fraction: float) -> int:
     return int(sample.num_steps * timestep_fraction)
 
 
-def check_trained_steps(sample: SampleConfig, timestep_fraction: float) -> None:
-    """UserError when ``train.timestep_fraction`` leaves no denoising step to train."""
+def check_trained_steps(sample: SampleConfig, timestep_fraction: float, key: str) -> None:
+    """UserError when ``timestep_fraction`` (the config key ``key``) leaves no denoising
+    step to train."""
     if not sample.sde_window_size and trained_steps(sample, timestep_fraction) < 1:
         raise UserError(
-            f"train.timestep_fraction={timestep_fraction} trains "
+            f"{key}={timestep_fraction} trains "
             f"int({sample.num_steps} x {timestep_fraction}) = 0 steps; "
             "raise it so at least one step is trained"
         )
 
 
-def check_timestep_fraction(timestep_fraction: float) -> None:
+def check_timestep_fraction(timestep_fraction: float, key: str) -> None:
     if not 0 < timestep_fraction <= 1:
-        raise UserError(f"train.timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        raise UserError(f"{key} must be in (0, 1], got {timestep_fraction}")
+
+
+def check_clip_range(clip_range: float, key: str) -> None:
+    if clip_range <= 0:
+        raise UserError(f"{key} must be > 0, got {clip_range}")
 
 
 @dataclass

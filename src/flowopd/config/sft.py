@@ -24,11 +24,11 @@ from flowopd.config.sections import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    OptimConfig,
     OutputConfig,
+    check_min,
 )
-from flowopd.config.sections import (
-    help_field as _help,
-)
+from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
 
 __all__ = ["SFTSection", "SFTSampleConfig", "SFTTrainConfig", "SFTOutputConfig", "SFTConfig"]
@@ -65,22 +65,20 @@ class SFTSampleConfig:
     batch_size: int = _help("Sampling micro-batch (images) per process.", 16)
 
     def validate(self) -> None:
-        for name in ("num_prompts", "images_per_prompt", "num_steps", "eval_num_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+        names = ("num_prompts", "images_per_prompt", "num_steps", "eval_num_steps")
+        check_min(self, "sample", names, 1)
         if self.batch_size < 1:
             raise UserError(f"sample.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
-class SFTTrainConfig:
-    """Optimisation: AdamW on the student LoRA with the flow-matching loss."""
+class SFTTrainConfig(OptimConfig):
+    """Optimisation: AdamW on the student LoRA with the flow-matching loss; the shared
+    settings plus the minibatch and the training-time distribution."""
 
     lr: float = _help("AdamW learning rate.", 1e-4)
-    betas: tuple[float, float] = _help("AdamW betas.", (0.9, 0.999))
-    weight_decay: float = _help("AdamW weight decay.", 1e-4)
-    max_grad_norm: float = _help("Gradient-norm clip (0 = off).", 1.0)
     epochs: int = _help("Passes over the teachers' samples.", 20)
+    ema_every: int = _help("Update the EMA every this many optimizer steps.", 1)
     batch_size: int = _help("Training minibatch (images) per process.", 16)
     gradient_accumulation: int = _help("Minibatches per optimizer step.", 1)
     sigma_sampling: Literal["logit_normal", "uniform"] = _help(
@@ -88,38 +86,12 @@ class SFTTrainConfig:
         "logit_normal",
     )
     sigma_shift: float = _help("SD3 time shift of the training t (3.0 = SD3.5; 1 = none).", 3.0)
-    ema: bool = _help("Keep an EMA of the LoRA weights; evaluate and save it.", True)
-    ema_decay: float = _help("EMA decay cap: decay = min((1 + s) / (10 + s), ema_decay).", 0.9)
-    ema_every: int = _help("Update the EMA every this many optimizer steps.", 1)
-    max_nonfinite: int = _help(
-        "Abort after this many consecutive optimizer steps with a non-finite loss or grad.", 3
-    )
-    seed: int = _help("Random seed (prompts, teacher noise, training noise, shuffling).", 42)
-    adamw_8bit: bool = _help(
-        "AdamW with 8-bit states (bitsandbytes, CUDA only); falls back to torch AdamW "
-        "with a warning when unavailable.",
-        False,
-    )
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise UserError(f"train.lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "gradient_accumulation", "ema_every", "max_nonfinite"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 0:
-            raise UserError(f"train.epochs must be >= 0, got {self.epochs}")
+        super().validate()
+        check_min(self, "train", ("batch_size", "gradient_accumulation"), 1)
         if self.sigma_shift <= 0:
             raise UserError(f"train.sigma_shift must be > 0, got {self.sigma_shift}")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise UserError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
-        if self.seed < 0:
-            raise UserError(f"train.seed must be >= 0, got {self.seed}")
 
 
 @dataclass

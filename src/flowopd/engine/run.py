@@ -1,9 +1,13 @@
 """Run set-up shared by the training recipes: processes, output dir, model + adapter,
-rewards from config, gradient averaging, evaluation with EMA weights."""
+gradient averaging, the trained adapter's optimiser / EMA / checkpoints, the epoch's log.
+
+Imports nothing above the engine: rewards from config are ``flowopd.rewards.combine.
+build_reward``, the periodic evaluation is ``flowopd.eval.periodic``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,6 @@ from flowopd.engine import distributed as dist
 from flowopd.models import load_model
 from flowopd.models.base import FlowModel
 from flowopd.paths import resolve_model_path
-from flowopd.rewards.base import RewardFn, get_reward
 
 # ModelConfig switches passed to the backend's from_pretrained when set (see config/sections.py)
 SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward")
@@ -76,22 +79,6 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
     )
 
 
-def build_reward(section, name: str = "") -> RewardFn:
-    """The reward of a config's ``reward`` section (or a dataset's own reward ``name``)."""
-    from flowopd.rewards.combine import route_by_task, weighted_sum
-
-    opts = section.options
-    if name:
-        return get_reward(name, **opts.get(name, {}))
-    if section.mode == "single":
-        return get_reward(section.name, **opts.get(section.name, {}))
-    if section.mode == "weighted":
-        return weighted_sum(section.weights, options=opts)
-    if section.mode == "routed":
-        return route_by_task(section.routing, options=opts)
-    raise ValueError("no reward configured")
-
-
 def reduce_gradients(params: list[nn.Parameter], world: int) -> None:
     """Average the LoRA gradients over processes (what DDP does, for the trained params only)."""
     if world <= 1:
@@ -107,45 +94,6 @@ def reduce_gradients(params: list[nn.Parameter], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(g).clone()
         offset += n
-
-
-def evaluate_and_save(run: Run, cfg, ema, params, epoch: int) -> dict[str, float]:
-    """Evaluate the benchmarks with the EMA weights on every process, each sampling and
-    scoring its share of the images (scores gathered, so the metrics are the same on every
-    process and no process waits at a barrier through the evaluation); the main process
-    writes eval/. Returns the flat metrics for the log."""
-    from contextlib import nullcontext
-
-    from flowopd.eval.benchmarks import EvalSettings, evaluate, protocol_record
-    from flowopd.eval.report import save_grid, write_json
-
-    if not cfg.eval.benchmarks:
-        return {}
-    settings = EvalSettings(
-        steps=cfg.sample.eval_num_steps,
-        guidance_scale=cfg.model.guidance_scale,
-        resolution=cfg.model.resolution,
-        images_per_prompt=cfg.eval.images_per_prompt,
-        n=cfg.eval.num_prompts,
-        batch_size=cfg.eval.batch_size,
-        # the eval scorers load the same local weights as the training rewards
-        scorer_options=dict(getattr(getattr(cfg, "reward", None), "options", None) or {}),
-    )
-    was_training = run.model.transformer.training
-    run.model.transformer.eval()
-    with ema.swapped(params) if ema is not None else nullcontext():
-        res = evaluate(run.model, cfg.eval.resolved_benchmarks(cfg.data.test), settings)
-    run.model.transformer.train(was_training)
-    if run.main:
-        write_json(run.out / "eval" / "metrics.json", res.metrics)
-        write_json(run.out / "eval" / f"epoch-{epoch + 1:04d}" / "metrics.json", res.metrics)
-        write_json(run.out / "eval" / "protocol.json", protocol_record(res))
-        save_grid(run.out / "eval" / "grid.png", *res.grid(48))
-    flat = {}
-    for bench, vals in res.metrics.items():
-        for k, v in vals.items():
-            flat[f"eval/{bench}" if k == "overall" else f"eval/{bench}/{k}"] = v
-    return flat
 
 
 class TrainState:
@@ -261,17 +209,20 @@ class TrainState:
         dist.barrier()
 
 
-def eval_due(cfg, epoch: int) -> bool:
-    """Evaluate every ``eval.every`` epochs, and after the last epoch when benchmarks are set."""
-    last = epoch + 1 == cfg.train.epochs
-    every = cfg.eval.every
-    return bool(cfg.eval.benchmarks) and ((every and (epoch + 1) % every == 0) or last)
-
-
-def end_epoch(run: Run, cfg, ts: TrainState, logger, epoch: int, record: dict) -> None:
-    """Evaluate when due, log the epoch's record, keep it in the history, checkpoint."""
-    if eval_due(cfg, epoch):
-        record.update(evaluate_and_save(run, cfg, ts.ema, ts.params, epoch))
+def end_epoch(
+    run: Run,
+    cfg,
+    ts: TrainState,
+    logger,
+    epoch: int,
+    record: dict,
+    evaluate: Callable[[Run, Any, TrainState, int], dict[str, float]] | None = None,
+) -> None:
+    """Add ``evaluate(run, cfg, ts, epoch)``'s metrics to the epoch's record (the recipes
+    pass ``flowopd.eval.periodic.evaluate_when_due``: the engine imports no evaluation),
+    log it, keep it in the history, checkpoint."""
+    if evaluate is not None:
+        record.update(evaluate(run, cfg, ts, epoch))
     logger.log(epoch, record)
     run.history.append({"epoch": epoch, **record})
     ts.checkpoint(epoch, cfg.output, last=epoch + 1 == cfg.train.epochs)

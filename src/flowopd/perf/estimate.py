@@ -119,7 +119,7 @@ class RunInputs:
 
     @classmethod
     def of(cls, cfg: Any) -> RunInputs:
-        from flowopd.config.grpo import GRPOTrainConfig
+        from flowopd.config.grpo import GRPOConfig
         from flowopd.errors import UserError
         from flowopd.paths import resolve_model_path
 
@@ -153,7 +153,7 @@ class RunInputs:
             trained_steps=trained or max(1, int(s.num_steps * 0.99)),
             inner_epochs=layout.inner_epochs,
             train_batch_size=layout.train_batch_size,
-            beta_kl=t.beta_kl if isinstance(t, GRPOTrainConfig) else 0.0,
+            beta_kl=cfg.grpo.beta_kl if isinstance(cfg, GRPOConfig) else 0.0,
             adamw_8bit=t.adamw_8bit,
             ema=t.ema,
             rewards=_reward_names(cfg),

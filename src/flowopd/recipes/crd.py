@@ -25,7 +25,6 @@ Per epoch:
 from __future__ import annotations
 
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
@@ -38,6 +37,7 @@ from flowopd.algorithms import add_noise, crd_kl, crd_loss, crd_targets, implici
 from flowopd.config.crd import CRDConfig
 from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.rollouts import (
     GroupScores,
     epoch_prompts,
@@ -128,7 +128,7 @@ def train_crd(cfg: CRDConfig) -> Run:
 
         # 3. score: rewards -> group advantages over the whole (gathered) epoch -> targets
         t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
-        scores = GroupScores.gather(ro, std=t.adv_std, clip=t.adv_clip)
+        scores = GroupScores.gather(ro, std=c.adv_std, clip=t.adv_clip)
         a_all = crd_targets(scores.advantages, clip=t.adv_clip)  # (N_all,) in [0, 1]
         a = scores.mine(a_all, rank, len(ro)).to(model.device)  # (N,)
         x0, cond, group_ids = ro.latents.float(), ro.cond, ro.group_ids  # x0: (N, C, h, w)
@@ -153,7 +153,7 @@ def train_crd(cfg: CRDConfig) -> Run:
         record.update({"decay/sampler": decays.sampler, "decay/old": decays.old})
         record["times_per_batch"] = c.times_used
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final policy adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)
@@ -163,15 +163,13 @@ def train_crd(cfg: CRDConfig) -> Run:
 def _add_snapshots(model, lora, params: list) -> None:
     """The sampler and old snapshots: adapters of the policy's LoRA shape, equal to it."""
     for name in SNAPSHOTS:
-        with warnings.catch_warnings():  # peft warns on every adapter after the first
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            model.add_adapter(
-                name,
-                rank=lora.rank,
-                alpha=lora.alpha,
-                target_modules=lora.target_modules,
-                init=lora.init if lora.init != "default" else True,
-            )
+        model.add_adapter(
+            name,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            target_modules=lora.target_modules,
+            init=lora.init if lora.init != "default" else True,
+        )
         update_snapshot(model.adapter_parameters(name), params, 0.0)
 
 

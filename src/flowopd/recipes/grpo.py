@@ -22,6 +22,7 @@ from flowopd.algorithms import grpo_loss, reference_kl
 from flowopd.config.grpo import GRPOConfig
 from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.rollouts import (
     GroupScores,
     Rollouts,
@@ -43,7 +44,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
     # 1. set-up: processes, model + policy LoRA, data and rewards, train state; resume
     run = setup_run(cfg, adapter=POLICY)
     model, world, rank = run.model, run.world, run.rank
-    s, t = cfg.sample, cfg.train
+    s, t, g = cfg.sample, cfg.train, cfg.grpo
     datasets, rewards, labels = task_data(cfg)  # GRPO-Mix alternates between datasets
     ts = TrainState(run, POLICY, t)
     logger, start_epoch = ts.start(cfg.output.resume)
@@ -63,7 +64,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
 
         # 3. score: rewards -> group advantages over the whole (gathered) epoch
         t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
-        scores = GroupScores.gather(ro, std=t.adv_std, clip=t.adv_clip)
+        scores = GroupScores.gather(ro, std=g.adv_std, clip=t.adv_clip)
         adv = scores.mine(scores.advantages, rank, len(ro)).to(model.device)  # (N,)
         t_score = time.time() - t1
 
@@ -79,7 +80,7 @@ def train_grpo(cfg: GRPOConfig) -> Run:
             opt_steps=ts.opt_steps, images=len(scores.rewards) * (epoch + 1), dataset=labels[d]
         )
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)
@@ -98,8 +99,8 @@ def _train_epoch(
     """Inner epochs of minibatches: per trained step, re-score the recorded step with the
     current weights (ratio), KL to the base (adapter off, same CFG), clipped surrogate,
     backward; the optimizer steps at the accumulation boundaries. Returns the stats."""
-    model, t = ts.run.model, cfg.train
-    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, t.timestep_fraction)
+    model, t, g = ts.run.model, cfg.train, cfg.grpo
+    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, g.timestep_fraction)
     acc_steps = cfg.gradient_accumulation_steps(ts.run.world)
     stats: dict[str, list[float]] = defaultdict(list)
     model.transformer.train()
@@ -111,18 +112,18 @@ def _train_epoch(
         for j in steps:
             step, _ = rescore_step(model, traj, j, cond, spec, cfg_grad=t.cfg_grad)
             kl = None
-            if t.beta_kl > 0:
+            if g.beta_kl > 0:
                 with torch.no_grad(), model.adapters_disabled():
                     ref, _ = rescore_step(model, traj, j, cond, spec)
                 dt = traj.sigmas[j + 1] - traj.sigmas[j]
-                kl = reference_kl(step.mean, ref.mean, step.std, dt, exact=t.kl_form == "exact")
+                kl = reference_kl(step.mean, ref.mean, step.std, dt, exact=g.kl_form == "exact")
             loss, st = grpo_loss(
                 step.log_prob,
                 traj.log_probs[:, j],
                 a,
-                clip_range=t.clip_range,
+                clip_range=g.clip_range,
                 kl=kl,
-                beta=t.beta_kl,
+                beta=g.beta_kl,
             )
             (loss / (len(steps) * acc_steps)).backward()
             for k, v in st.items():

@@ -33,7 +33,8 @@ from flowopd.algorithms import mar_loss, opd_loss, step_kl
 from flowopd.config.opd import OPDConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.batches import minibatches
-from flowopd.engine.run import Run, TrainState, build_reward, end_epoch, setup_run
+from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.recipes.teachers import (
     TeacherSet,
     check_tasks,
@@ -41,6 +42,7 @@ from flowopd.recipes.teachers import (
     mixed_epoch_prompts,
     teacher_velocities,
 )
+from flowopd.rewards.combine import build_reward
 from flowopd.rollouts import (
     Rollouts,
     epoch_prompts,
@@ -114,7 +116,7 @@ def train_opd(cfg: OPDConfig) -> Run:
         record.update(_per_task(all_kl, local_r, dist.gather_cat(task_of), tasks))
         record.update(opt_steps=ts.opt_steps, images=len(all_kl) * (epoch + 1))
         record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final student adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)
@@ -174,7 +176,7 @@ def _train_epoch(
     Returns the stats, each sample's KL summed over its trained steps (N,), and the number
     of trained steps."""
     model, o, t = ts.run.model, cfg.opd, cfg.train
-    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, t.timestep_fraction)
+    steps = trained_steps(ro.trajectory.stochastic, spec.num_steps, o.timestep_fraction)
     acc_steps = cfg.gradient_accumulation_steps(ts.run.world)
     routed = teachers.adapters_for(ro.records)  # (N,) teacher adapter names
     sig = ro.trajectory.sigmas
@@ -207,7 +209,7 @@ def _train_epoch(
                 traj.log_probs[:, j],
                 kl,
                 mode=o.mode,
-                clip_range=t.clip_range,
+                clip_range=o.clip_range,
                 adv_clip=t.adv_clip,
             )
             st.pop("reward")  # -kl; "reward" in the logs means the task reward

@@ -31,12 +31,8 @@ from flowopd.algorithms import add_noise, flow_matching_loss, sample_training_si
 from flowopd.config.sft import SFTConfig
 from flowopd.engine import distributed as dist
 from flowopd.engine.batches import minibatches
-from flowopd.engine.run import (
-    Run,
-    TrainState,
-    end_epoch,
-    setup_run,
-)
+from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
+from flowopd.eval.periodic import evaluate_when_due
 from flowopd.models.base import Cond, FlowModel
 from flowopd.recipes.teachers import check_tasks, load_teachers, mixed_epoch_prompts
 from flowopd.rollouts import load_datasets, seed_for
@@ -130,7 +126,7 @@ def train_sft(cfg: SFTConfig) -> Run:
         record["probe_loss"] = float(dist.gather_cat(probe.loss(model, x0, cond)).mean())
         record.update(opt_steps=ts.opt_steps, images=len(x0) * world * (epoch + 1))
         record["time/train"] = time.time() - t1
-        end_epoch(run, cfg, ts, logger, epoch, record)
+        end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     ts.finish(logger)
     return run

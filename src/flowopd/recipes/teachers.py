@@ -8,7 +8,6 @@ batch is answered in one forward with per-sample adapters.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,20 +67,17 @@ def load_teachers(
     """
     routes = teacher_table(list(teachers))
     anchor_name: str | None = None
-    with warnings.catch_warnings():
-        # several adapters on one model is the point here, not the accident peft warns of
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for t in teachers:
-            model.load_adapter(str(Path(t.path).expanduser()), t.adapter)
-        if anchor == "":
-            anchor_name = BASE
-        elif anchor is not None:
-            same = [t for t in teachers if Path(t.path).resolve() == Path(anchor).resolve()]
-            if same:
-                anchor_name = same[0].adapter
-            else:
-                model.load_adapter(str(Path(anchor).expanduser()), ANCHOR)
-                anchor_name = ANCHOR
+    for t in teachers:
+        model.load_adapter(str(Path(t.path).expanduser()), t.adapter)
+    if anchor == "":
+        anchor_name = BASE
+    elif anchor is not None:
+        same = [t for t in teachers if Path(t.path).resolve() == Path(anchor).resolve()]
+        if same:
+            anchor_name = same[0].adapter
+        else:
+            model.load_adapter(str(Path(anchor).expanduser()), ANCHOR)
+            anchor_name = ANCHOR
     return TeacherSet(routes=routes, anchor=anchor_name, key=key)
 
 

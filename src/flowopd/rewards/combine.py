@@ -118,3 +118,18 @@ def route_by_task(
         return out
 
     return reward
+
+
+def build_reward(section: Any, name: str = "") -> RewardFn:
+    """The reward of a config's ``reward`` section (``RewardConfig``: one name, weights or
+    task routing, with ``options`` per reward name), or a dataset's own reward ``name``."""
+    opts = section.options
+    if name:
+        return get_reward(name, **opts.get(name, {}))
+    if section.mode == "single":
+        return get_reward(section.name, **opts.get(section.name, {}))
+    if section.mode == "weighted":
+        return weighted_sum(section.weights, options=opts)
+    if section.mode == "routed":
+        return route_by_task(section.routing, options=opts)
+    raise ValueError("no reward configured")
