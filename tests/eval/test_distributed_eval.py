@@ -29,7 +29,9 @@ def test_two_processes_write_the_same_metrics_as_one(tmp_path, tiny_pixel_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", "-m", "flowopd", *args, "--out", str(tmp_path / "two")]  # fmt: skip
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout too: where the processes were when one aborted (seen twice under load, SIGABRT
+    # in rank 1 with "terminate called without an active exception"; not reproduced alone)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     assert proc.stdout.count("on 2 process(es)") == 3  # printed once (main process), per benchmark
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
