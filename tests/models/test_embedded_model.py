@@ -29,7 +29,9 @@ def test_shipped_files_are_small_safetensors_with_provenance():
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     meta = json.loads((EMBEDDED_MODEL / "flowopd.json").read_text())
-    assert meta["kind"] == "flowopd-embedded" and isinstance(meta["seed"], int) and meta["steps"] > 0
+    assert (
+        meta["kind"] == "flowopd-embedded" and isinstance(meta["seed"], int) and meta["steps"] > 0
+    )
     # every stage's settings, so the base can be rebuilt (docs/EMBEDDED_MODEL.md)
     assert len(meta["stages"]) >= 1 and all("caption_noise" in st for st in meta["stages"])
     assert meta["guidance_scale"] == 3.0  # its default CFG for sampling and evaluation
