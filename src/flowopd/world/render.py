@@ -1,6 +1,6 @@
 """Ground-truth renders of world records: flat shapes or black text on white, 32x32.
 
-World v2 draws on a few fixed places, so that a small pixel-space model can learn to
+World v3 draws on a few fixed places, so that a small pixel-space model can learn to
 render every object and glyph cleanly and its remaining errors are the systematic ones
 taught by caption noise (``flowopd.world.noise``), not malformed shapes:
 
@@ -12,7 +12,9 @@ taught by caption noise (``flowopd.world.noise``), not malformed shapes:
   left and A right in the middle row, "B above A" B over A in the middle column;
 - text is centred on a 4 px grid: 3 characters at x = 4, 2 at x = 8, rows 12-21.
 
-Variety left: only the colours of objects the prompt leaves uncoloured. Fixed places make\nbinding positional (the first-named object is the left one), which a small model learns;\nwith places drawn at random it did not (docs/EXPERIMENTS.md, 2026-12-05).
+Variety left: only the colours of objects the prompt leaves uncoloured. Fixed places make
+binding positional (the first-named object is the left one); with cells drawn at random
+(world v2) the base never learnt to bind (docs/EXPERIMENTS.md, 2026-12-04 and 12-05).
 Edges are hard (no anti-aliasing), so every pixel is exactly a palette colour, white or
 ink.
 
@@ -39,7 +41,7 @@ SIZE_MULTI = 12  # px, an object in a cell (centred in it)
 SIZES = (SIZE_MULTI, SIZE_SINGLE)
 GAP = CELL - SIZE_MULTI  # px between objects in neighbouring cells
 TEXT_ROW = 12  # px, top of the text line
-CELLS = 4  # the 2x2 grid of 16 px cells: at most 4 objects
+MAX_OBJECTS = 4  # one per cell of the 2x2 grid
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,8 @@ def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
         for item in items
         for _ in range(int(item["count"]))
     ]
-    if not 1 <= len(objs) <= CELLS:
-        raise ValueError(f"the world draws 1-{CELLS} objects, got {len(objs)}")
+    if not 1 <= len(objs) <= MAX_OBJECTS:
+        raise ValueError(f"the world draws 1-{MAX_OBJECTS} objects, got {len(objs)}")
     rel_items = [i for i, item in enumerate(items) if "position" in item]
     if rel_items:
         # GenEval position records: two single objects, include[1] relative to include[0]
