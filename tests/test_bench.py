@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 from tests.conftest import REPO
 
@@ -117,3 +118,43 @@ def test_full_size_bench_takes_the_config_resolution(tmp_path):
     assert r["resolution"] == 32 and r["image_tokens"] == 4
     args = bench.parse_args(["--size", "full", "--config", str(cfg), "--resolution", "512"])
     assert bench.resolution_of(args, 1024) == 512  # --resolution wins over the config
+
+
+def test_efficiency_curves_means_and_table(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("efficiency", REPO / "bench" / "efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "efficiency", mod)  # its dataclass looks itself up
+    spec.loader.exec_module(mod)
+
+    def log(run, scores):  # epochs of 64 images, 10 s each, an evaluation every 2 epochs
+        run.mkdir(parents=True)
+        rows = []
+        for e in range(len(scores) * 2):
+            r = {"epoch": e, "images": 64 * (e + 1), "time/sample": 6.0, "time/train": 4.0}
+            if e % 2 == 1:
+                r.update({"eval/toy-geneval": scores[e // 2], "eval/toy-geneval/overall_se": 0.02,
+                          "eval/toy-geneval/counting": 1.0})  # fmt: skip
+            rows.append(json.dumps(r))
+        rows.insert(1, rows[0])  # an epoch logged twice (a resumed run): counted once
+        (run / "log.jsonl").write_text("\n".join(rows) + "\n")
+
+    log(tmp_path / "g0", [0.5, 0.6, 0.7])
+    log(tmp_path / "g1", [0.5, 0.6, 0.8])
+    log(tmp_path / "n0", [0.7, 0.76, 0.8])
+    c = mod.read_curve(tmp_path / "g0")
+    assert c == {"epoch": [1, 3, 5], "images": [128, 256, 384], "seconds": [20.0, 40.0, 60.0],
+                 "score": [0.5, 0.6, 0.7], "se": [0.02, 0.02, 0.02]}  # fmt: skip
+    g = mod.mean_curve([c, mod.read_curve(tmp_path / "g1")])
+    assert g["score"][-1] == 0.75 and g["n"] == [2, 2, 2]
+    assert abs(g["se"][-1] - 0.05) < 1e-12  # std (ddof 1) 0.0707 / sqrt(2)
+    n = mod.mean_curve([mod.read_curve(tmp_path / "n0")])
+    assert n["se"] == [0.02, 0.02, 0.02]  # one seed: the evaluation's own se
+    rows = mod.table({"geneval": {"grpo": g, "nft": n}},
+                     {("geneval", "grpo"): 3.0, ("geneval", "nft"): 1.0})  # fmt: skip
+    nft = next(r for r in rows if r["method"] == "nft")
+    # GRPO's final mean 0.75 is first reached at NFT's second evaluation (0.76, 256 images)
+    assert (nft["target"], nft["images_to_target"], nft["seconds_to_target"]) == (0.75, 256, 40.0)
+    assert nft["fraction_of_reference"] == 256 / 384
+    assert "| geneval | nft | 1 | 1 | 0.800 ± 0.020 | 384 | 256 | 0.67 | 40 |" in mod.markdown(
+        rows, {"platform": "x", "cpu_count": 2}
+    )
