@@ -9,6 +9,7 @@ ALGOS = {
     "opd": ("flowopd.config.opd:OPDConfig", "flowopd.recipes.opd:train_opd"),
     "sft": ("flowopd.config.sft:SFTConfig", "flowopd.recipes.sft:train_sft"),
     "crd": ("flowopd.config.crd:CRDConfig", "flowopd.recipes.crd:train_crd"),
+    "nft": ("flowopd.config.nft:NFTConfig", "flowopd.recipes.nft:train_nft"),
 }
 
 
