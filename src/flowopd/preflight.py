@@ -534,7 +534,7 @@ def _trained(cfg: Any) -> str:
 
     method = training_times_of(cfg)  # CRD, NFT, AWM: a grid of forward-process times
     if method is not None:
-        return f"{method.times_used} of {method.num_times} training times per image"
+        return f"{method.times_used} of {method.grid_size} training times per image"
     return f"{cfg.trained_steps} of {cfg.sample.num_steps} steps trained per trajectory"
 
 

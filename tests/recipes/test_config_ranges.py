@@ -13,6 +13,7 @@ import typing
 import pytest
 
 from flowopd.config import load_config
+from flowopd.config.awm import AWMConfig
 from flowopd.config.crd import CRDConfig
 from flowopd.config.grpo import GRPOConfig
 from flowopd.config.nft import NFTConfig
@@ -21,7 +22,8 @@ from flowopd.config.sft import SFTConfig
 from flowopd.errors import UserError
 
 CONFIGS = {
-    "grpo": GRPOConfig, "opd": OPDConfig, "crd": CRDConfig, "nft": NFTConfig, "sft": SFTConfig,
+    "grpo": GRPOConfig, "opd": OPDConfig, "crd": CRDConfig, "nft": NFTConfig, "awm": AWMConfig,
+    "sft": SFTConfig,
 }  # fmt: skip
 # values where a negative number is meaningful (a reward weighted down)
 SIGNED = {"reward.weights"}
@@ -57,6 +59,7 @@ def base(tmp_path) -> dict[str, list[str]]:
         "opd": [*common, f"opd.teachers={teachers}"],
         "crd": [*common, "reward=toy_ocr"],
         "nft": [*common, "reward=toy_ocr"],
+        "awm": [*common, "reward=toy_ocr"],
         "sft": [*common, f"sft.teachers={teachers}", "sample.num_prompts=4",
                 "train.batch_size=4"],
     }  # fmt: skip

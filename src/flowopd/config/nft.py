@@ -24,7 +24,6 @@ from flowopd.algorithms.nft import old_decay
 from flowopd.config.rollout import RolloutRunConfig
 from flowopd.config.sections import (
     EvalConfig,
-    ModelConfig,
     OutputConfig,
     RolloutOptimConfig,
     advantage_std_field,
@@ -32,25 +31,19 @@ from flowopd.config.sections import (
 )
 from flowopd.config.sections import help_field as _help
 from flowopd.config.times import (
+    CFGFreeModelConfig,
     CleanSampleConfig,
     TrainingTimes,
     check_clean_rollouts,
     check_training_times,
+    grpo_keys_moved,
 )
 from flowopd.errors import UserError
 
 __all__ = ["NFTModelConfig", "NFTSampleConfig", "NFTOutputConfig", "NFTMethodConfig", "NFTConfig"]
 
 
-@dataclass
-class NFTModelConfig(ModelConfig):
-    """The base model and its adapter; DiffusionNFT is CFG-free."""
-
-    guidance_scale: float = _help(
-        "CFG scale for sampling, training and evaluation (DiffusionNFT: 1.0, CFG-free).", 1.0
-    )
-
-
+NFTModelConfig = CFGFreeModelConfig  # model.guidance_scale 1.0 by default
 NFTSampleConfig = CleanSampleConfig  # ODE rollouts by default, no Flow-GRPO-Fast window
 
 
@@ -128,14 +121,7 @@ class NFTOutputConfig(OutputConfig):
 class NFTConfig(RolloutRunConfig):
     """A DiffusionNFT run (the public code's GenEval defaults, CFG-free)."""
 
-    _moved: ClassVar[dict[str, str]] = {
-        "train.adv_std": "moved to nft.adv_std",
-        "train.beta_kl": "is a Flow-GRPO setting; DiffusionNFT's KL weight is nft.kl_beta",
-        **{
-            f"train.{k}": "is a Flow-GRPO setting that DiffusionNFT does not use; remove it"
-            for k in ("clip_range", "kl_form", "timestep_fraction")
-        },
-    }
+    _moved: ClassVar[dict[str, str]] = grpo_keys_moved("nft", "DiffusionNFT")
 
     model: NFTModelConfig = _help(
         "Base model and LoRA (model.guidance_scale 1.0: CFG-free).", factory=NFTModelConfig

@@ -3,7 +3,9 @@
 All sample ODE rollouts by default and keep only the clean samples
 (``CleanSampleConfig``, ``check_clean_rollouts``); their method sections carry
 ``num_times``, ``times_per_batch``, ``time_shift`` and ``time_range`` with the same
-meaning (``check_training_times``, the ``TrainingTimes`` mixin).
+meaning (``check_training_times``, the ``TrainingTimes`` mixin). DiffusionNFT and AWM are
+CFG-free (``CFGFreeModelConfig``) and name where Flow-GRPO's objective keys went
+(``grpo_keys_moved``).
 """
 
 from __future__ import annotations
@@ -13,19 +15,43 @@ from typing import Any, Literal
 
 import torch
 
-from flowopd.config.sections import SampleConfig, help_field
+from flowopd.config.sections import ModelConfig, SampleConfig, help_field
 from flowopd.errors import UserError
 from flowopd.sde import timesteps
 
 __all__ = [
+    "CFGFreeModelConfig",
     "CleanSampleConfig",
+    "grpo_keys_moved",
     "TrainingTimes",
     "check_training_times",
     "check_clean_rollouts",
     "training_time_grid",
-    "times_used",
     "training_times_of",
 ]
+
+
+@dataclass
+class CFGFreeModelConfig(ModelConfig):
+    """The base model and its adapter, CFG-free by default (DiffusionNFT, AWM)."""
+
+    guidance_scale: float = help_field(
+        "CFG scale for sampling, training and evaluation (1.0: CFG-free, as DiffusionNFT "
+        "and AWM publish).",
+        1.0,
+    )
+
+
+def grpo_keys_moved(section: str, algo: str) -> dict[str, str]:
+    """A config's ``_moved`` notes for Flow-GRPO's objective keys under ``train``: the
+    advantage normaliser moved to ``{section}.adv_std``, the KL weight is
+    ``{section}.kl_beta``, the rest ``algo`` does not use."""
+    unused = f"is a Flow-GRPO setting that {algo} does not use; remove it"
+    return {
+        "train.adv_std": f"moved to {section}.adv_std",
+        "train.beta_kl": f"is a Flow-GRPO setting; {algo}'s KL weight is {section}.kl_beta",
+        **{f"train.{k}": unused for k in ("clip_range", "kl_form", "timestep_fraction")},
+    }
 
 
 @dataclass
@@ -59,11 +85,6 @@ def check_training_times(section: Any, prefix: str) -> None:
         )
 
 
-def times_used(section: Any) -> int:
-    """Training times per minibatch: ``times_per_batch``, else ``num_times``."""
-    return section.times_per_batch or section.num_times
-
-
 def training_time_grid(section: Any, model_shift: float) -> torch.Tensor:
     """The ``num_times`` training times, (num_times,) float32 from high to low.
 
@@ -78,13 +99,23 @@ def training_time_grid(section: Any, model_shift: float) -> torch.Tensor:
 
 
 class TrainingTimes:
-    """Mixin of a method section with the four time fields: ``times_used`` and
-    ``time_grid`` (no fields of its own, so the section's field order is its own)."""
+    """Mixin of a method section with the four time fields: ``times_used``, ``grid_size``
+    and ``time_grid`` (no fields of its own, so the section's field order is its own).
+
+    ``stratified`` False: a minibatch's times are a uniform random subset of the grid;
+    a section with a ``stratified`` field may draw one per stratum instead."""
+
+    stratified = False
+
+    @property
+    def grid_size(self) -> int:
+        """Times in ``time_grid`` (``num_times`` unless a section trims its grid)."""
+        return self.num_times
 
     @property
     def times_used(self) -> int:
-        """Training times per minibatch (times_per_batch, else num_times)."""
-        return times_used(self)
+        """Training times per minibatch (times_per_batch, else the whole grid)."""
+        return self.times_per_batch or self.grid_size
 
     def time_grid(self, model_shift: float) -> torch.Tensor:
         """The ``num_times`` training times (``training_time_grid``)."""

@@ -1,13 +1,15 @@
-"""Pieces shared by the recipes that train on forward-noised clean rollouts (CRD, NFT).
+"""Pieces shared by the recipes that train on forward-noised clean rollouts (CRD, NFT, AWM).
 
-Both keep EMA snapshots of the policy LoRA as extra adapters on the one base model, draw
+All keep EMA snapshots of the policy LoRA as extra adapters on the one base model, draw
 the training noise per image from its own seed, and train each minibatch on a subset of
-a fixed grid of training times.
+a fixed grid of training times; NFT and AWM train minibatches of images
+(``train_image_minibatches``), CRD of whole prompt groups.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,9 +17,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowopd.engine.batches import minibatches
 from flowopd.rollouts import GroupScores, epoch_prompts, epoch_rollouts, seed_for
 
-__all__ = ["update_snapshot", "add_snapshots", "training_noise", "pick_times", "minibatch_times"]
+__all__ = [
+    "update_snapshot",
+    "add_snapshots",
+    "training_noise",
+    "pick_times",
+    "minibatch_times",
+    "CleanEpoch",
+    "clean_epoch",
+    "train_image_minibatches",
+    "epoch_record",
+]
+
+# one minibatch's loss at one time: (x0 rows, cond rows, weight rows, sigma, noise keys)
+TimeLoss = Callable[[Tensor, object, Tensor, float, list], tuple[Tensor, dict[str, float]]]
 
 
 @torch.no_grad()
@@ -59,16 +75,25 @@ def training_noise(
     return torch.stack(draws).to(device)
 
 
-def pick_times(num_grid: int, used: int, key: tuple[int | str, ...]) -> list[int]:
-    """``used`` of the ``num_grid`` time indices, a random subset in grid order drawn from
-    ``seed_for(*key)`` (the same on every process, so ranks step through the same times)."""
+def pick_times(
+    num_grid: int, used: int, key: tuple[int | str, ...], stratified: bool = False
+) -> list[int]:
+    """``used`` of the ``num_grid`` time indices in grid order, drawn from ``seed_for(*key)``
+    (the same on every process, so ranks step through the same times).
+
+    Uniform: a random subset. Stratified: the grid cut into ``used`` contiguous strata
+    (``tensor_split``: sizes differ by at most one), one index drawn in each.
+    """
     gen = torch.Generator().manual_seed(seed_for(*key))
-    return torch.randperm(num_grid, generator=gen)[:used].sort().values.tolist()
+    if not stratified:
+        return torch.randperm(num_grid, generator=gen)[:used].sort().values.tolist()
+    strata = torch.arange(num_grid).tensor_split(used)
+    return [int(s[torch.randint(len(s), (1,), generator=gen)]) for s in strata]
 
 
 def minibatch_times(
     grid: Tensor, used: int, mb, group_ids: Tensor, group_size: int, seed: int, epoch: int,
-    noise_tag: str,
+    noise_tag: str, stratified: bool = False,
 ) -> Iterator[tuple[float, list[tuple[int | str, ...]]]]:  # fmt: skip
     """Per training time of minibatch ``mb`` (``engine.batches.Minibatch``): the time sigma
     and one noise key per row, ``(seed, noise_tag, epoch, inner, group, index in group, k)``.
@@ -76,7 +101,8 @@ def minibatch_times(
     ``used`` of the grid's times (``pick_times``), in grid order. Keys name the image, not
     its row in the minibatch, so the noise is the same for any batching or process count.
     """
-    picked = pick_times(len(grid), used, (seed, "times", epoch, mb.inner, mb.index))
+    key = (seed, "times", epoch, mb.inner, mb.index)
+    picked = pick_times(len(grid), used, key, stratified)
     for k in picked:
         keys = [
             (seed, noise_tag, epoch, mb.inner, int(group_ids[i]), int(i) % group_size, k)
@@ -90,7 +116,8 @@ class CleanEpoch:
     """One epoch's clean rollouts of this process and their per-image training weights.
 
     scores: the gathered rewards and group advantages (all processes); weights: (N,) this
-    process's ``targets(advantages)`` on the model's device; x0: (N, C, h, w) float32
+    process's ``targets(advantages)`` (the advantages without ``targets``) on the model's
+    device; x0: (N, C, h, w) float32
     clean latents; cond: N rows; group_ids: (N,) global prompt index; seconds: the log's
     ``time/sample`` and ``time/score``.
     """
@@ -105,14 +132,15 @@ class CleanEpoch:
 
 def clean_epoch(
     cfg, model, dataset, reward, adapter: str, spec, epoch: int, rank: int, world: int,
-    adv_std: str, targets: Callable[..., Tensor],
+    adv_std: str, targets: Callable[..., Tensor] | None = None,
 ) -> CleanEpoch:  # fmt: skip
     """Sample and score one epoch, keeping only clean samples.
 
     The epoch's prompts (the same everywhere; this process takes whole groups), G images
     each from adapter ``adapter`` (no trajectories); rewards gathered from all processes
     -> group advantages A (``adv_std``, clipped to ``train.adv_clip``) -> per-image
-    weights ``targets(A, clip=train.adv_clip)`` over the whole epoch, this process's rows.
+    weights ``targets(A, clip=train.adv_clip)`` over the whole epoch (A itself without
+    ``targets``), this process's rows.
     """
     t0 = time.time()
     n_prompts = cfg.prompts_per_process(world)
@@ -127,12 +155,51 @@ def clean_epoch(
     t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
     clip = cfg.train.adv_clip
     scores = GroupScores.gather(ro, std=adv_std, clip=clip)
-    w_all = targets(scores.advantages, clip=clip)  # (N_all,) in [0, 1]
+    w_all = scores.advantages if targets is None else targets(scores.advantages, clip=clip)
     weights = scores.mine(w_all, rank, len(ro)).to(model.device)  # (N,)
     x0, cond, group_ids = ro.latents.float(), ro.cond, ro.group_ids
     del ro  # images and records are no longer needed
     seconds = {"time/sample": t_sample, "time/score": time.time() - t1}
     return CleanEpoch(scores, weights, x0, cond, group_ids, seconds)
+
+
+def train_image_minibatches(
+    cfg, ts, data: CleanEpoch, times, time_loss: TimeLoss, noise_tag: str, epoch: int,
+    rank: int,
+) -> dict[str, list[float]]:  # fmt: skip
+    """One epoch of training on minibatches of images (NFT, AWM; CRD keeps groups whole).
+
+    Inner epochs of shuffled image minibatches (``engine.batches.minibatches``); per
+    minibatch its ``times.times_used`` training times of ``times.time_grid`` (all, or a
+    subset in grid order, the same on every process; ``times.stratified``), one
+    ``time_loss(x0, cond, weights, sigma, keys)`` each, backward of
+    ``loss / (times_used * accumulation)``; the optimizer steps at the accumulation
+    boundaries. Returns the per-call stats and ``grad_norm`` per optimizer step.
+    """
+    t, G = cfg.train, cfg.sample.group_size
+    grid = times.time_grid(ts.run.model.shift)  # (grid_size,)
+    acc_steps = cfg.gradient_accumulation_steps(ts.run.world)
+    stats: dict[str, list[float]] = defaultdict(list)
+    ts.run.model.transformer.train()
+    gen = torch.Generator().manual_seed(seed_for(t.seed, "shuffle", epoch, rank))
+    batches = minibatches(
+        len(data.x0), cfg.train_batch_size, gen, accumulation=acc_steps,
+        inner_epochs=t.inner_epochs,
+    )  # fmt: skip
+    for mb in batches:
+        rows = mb.rows
+        xb, cb, wb = data.x0[rows], data.cond[rows], data.weights[rows]
+        for sigma, keys in minibatch_times(
+            grid, times.times_used, mb, data.group_ids, G, t.seed, epoch, noise_tag,
+            stratified=times.stratified,
+        ):  # fmt: skip
+            loss, st = time_loss(xb, cb, wb, sigma, keys)
+            (loss / (times.times_used * acc_steps)).backward()
+            for key, val in st.items():
+                stats[key].append(val)
+        if mb.step:
+            stats["grad_norm"].append(ts.step(loss))
+    return stats
 
 
 def epoch_record(stats: dict[str, list[float]], data: CleanEpoch, opt_steps: int, epoch: int,

@@ -25,7 +25,7 @@ Per epoch:
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -33,18 +33,17 @@ from torch import Tensor
 from flowopd.algorithms import add_noise, nft_loss, optimality_probability
 from flowopd.algorithms.awm import velocity_kl
 from flowopd.config.nft import NFTConfig
-from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
 from flowopd.eval.periodic import evaluate_when_due
 from flowopd.recipes.forward import (
     add_snapshots,
     clean_epoch,
     epoch_record,
-    minibatch_times,
+    train_image_minibatches,
     training_noise,
     update_snapshot,
 )
-from flowopd.rollouts import sampler_spec, seed_for, task_data
+from flowopd.rollouts import sampler_spec, task_data
 
 POLICY, OLD = "policy", "old"
 
@@ -76,7 +75,8 @@ def train_nft(cfg: NFTConfig) -> Run:
 
         # 4. train on the re-noised clean samples; 5. the old snapshot follows the policy
         t2 = time.time()
-        stats = _train_epoch(cfg, ts, data.x0, data.cond, data.group_ids, data.weights, epoch, rank)
+        loss_fn = partial(_time_loss, cfg, model)
+        stats = train_image_minibatches(cfg, ts, data, c, loss_fn, "nft-noise", epoch, rank)
         t_train = time.time() - t2
         decay = c.decay(ts.opt_steps)
         update_snapshot(model.adapter_parameters(OLD), params, decay)
@@ -88,36 +88,6 @@ def train_nft(cfg: NFTConfig) -> Run:
 
     ts.finish(logger)
     return run
-
-
-def _train_epoch(
-    cfg: NFTConfig, ts: TrainState, x0: Tensor, cond, group_ids: Tensor, r: Tensor,
-    epoch: int, rank: int,
-) -> dict[str, list[float]]:  # fmt: skip
-    """Inner epochs of shuffled image minibatches; per minibatch its training times (all,
-    or a random subset in grid order, the same on every process), one ``_time_loss``
-    backward each; the optimizer steps at the accumulation boundaries. Returns the stats."""
-    t, c, G = cfg.train, cfg.nft, cfg.sample.group_size
-    grid = c.time_grid(ts.run.model.shift)  # (num_times,)
-    acc_steps = cfg.gradient_accumulation_steps(ts.run.world)
-    stats: dict[str, list[float]] = defaultdict(list)
-    ts.run.model.transformer.train()
-    gen = torch.Generator().manual_seed(seed_for(t.seed, "shuffle", epoch, rank))
-    batches = minibatches(
-        len(x0), cfg.train_batch_size, gen, accumulation=acc_steps, inner_epochs=t.inner_epochs
-    )
-    for mb in batches:
-        rows = mb.rows
-        for sigma, keys in minibatch_times(
-            grid, c.times_used, mb, group_ids, G, t.seed, epoch, "nft-noise"
-        ):
-            loss, st = _time_loss(cfg, ts.run.model, x0[rows], cond[rows], r[rows], sigma, keys)
-            (loss / (c.times_used * acc_steps)).backward()
-            for key, val in st.items():
-                stats[key].append(val)
-        if mb.step:
-            stats["grad_norm"].append(ts.step(loss))
-    return stats
 
 
 def _time_loss(
