@@ -1,15 +1,17 @@
 """Keys a section no longer has: loading one (YAML or override) names where it went.
 
-The objective knobs live in each algorithm's method section (grpo:, opd:, crd:), not in
-the shared train: section."""
+The objective knobs live in each algorithm's method section (grpo:, opd:, crd:, nft:,
+awm:), not in the shared train: section."""
 
 from __future__ import annotations
 
 import pytest
 
 from flowopd.config import load_config
+from flowopd.config.awm import AWMConfig
 from flowopd.config.crd import CRDConfig
 from flowopd.config.grpo import GRPO_KEYS, GRPOConfig
+from flowopd.config.nft import NFTConfig
 from flowopd.config.opd import OPDConfig
 from flowopd.config.sections import RolloutOptimConfig
 from flowopd.errors import UserError
@@ -30,6 +32,12 @@ MOVED = [
     (CRDConfig, "train.kl_form", "exact", "CRD does not use; remove it"),
     (CRDConfig, "train.timestep_fraction", "0.99", "CRD does not use; remove it"),
     (CRDConfig, "train.adv_std", "group", "moved to crd.adv_std"),
+    (NFTConfig, "train.beta_kl", "1.0e-4", "DiffusionNFT's KL weight is nft.kl_beta"),
+    (NFTConfig, "train.clip_range", "1.0e-4", "DiffusionNFT does not use; remove it"),
+    (NFTConfig, "train.adv_std", "group", "moved to nft.adv_std"),
+    (AWMConfig, "train.beta_kl", "1.0e-3", "AWM's KL weight is awm.kl_beta"),
+    (AWMConfig, "train.kl_form", "exact", "AWM does not use; remove it"),
+    (AWMConfig, "train.adv_std", "group", "moved to awm.adv_std"),
 ]
 
 

@@ -530,9 +530,11 @@ def _plan_epoch(plan: RunPlan, cfg: Any) -> None:
 
 
 def _trained(cfg: Any) -> str:
-    crd = getattr(cfg, "crd", None)
-    if crd is not None:
-        return f"{crd.times_used} of {crd.num_times} training times per image"
+    from flowopd.config.times import training_times_of
+
+    method = training_times_of(cfg)  # CRD, NFT, AWM: a grid of forward-process times
+    if method is not None:
+        return f"{method.times_used} of {method.grid_size} training times per image"
     return f"{cfg.trained_steps} of {cfg.sample.num_steps} steps trained per trajectory"
 
 

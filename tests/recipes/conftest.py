@@ -54,3 +54,27 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
             f"flowopd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def read_log(run: Path) -> list[dict]:
+    """The records of a run's log.jsonl, one per epoch."""
+    import json
+
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def train_quietly(train, cfg):
+    """``train(cfg)`` in this process with its console output swallowed; returns the ``Run``."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train(cfg)
+
+
+def torchrun_cli(*args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """``python -m flowopd ARGS`` under torchrun with ``nproc`` processes; asserts success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "flowopd", *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,13 +13,18 @@ import typing
 import pytest
 
 from flowopd.config import load_config
+from flowopd.config.awm import AWMConfig
 from flowopd.config.crd import CRDConfig
 from flowopd.config.grpo import GRPOConfig
+from flowopd.config.nft import NFTConfig
 from flowopd.config.opd import OPDConfig
 from flowopd.config.sft import SFTConfig
 from flowopd.errors import UserError
 
-CONFIGS = {"grpo": GRPOConfig, "opd": OPDConfig, "crd": CRDConfig, "sft": SFTConfig}
+CONFIGS = {
+    "grpo": GRPOConfig, "opd": OPDConfig, "crd": CRDConfig, "nft": NFTConfig, "awm": AWMConfig,
+    "sft": SFTConfig,
+}  # fmt: skip
 # values where a negative number is meaningful (a reward weighted down)
 SIGNED = {"reward.weights"}
 
@@ -53,6 +58,8 @@ def base(tmp_path) -> dict[str, list[str]]:
         "grpo": [*common, "reward=toy_ocr"],
         "opd": [*common, f"opd.teachers={teachers}"],
         "crd": [*common, "reward=toy_ocr"],
+        "nft": [*common, "reward=toy_ocr"],
+        "awm": [*common, "reward=toy_ocr"],
         "sft": [*common, f"sft.teachers={teachers}", "sample.num_prompts=4",
                 "train.batch_size=4"],
     }  # fmt: skip

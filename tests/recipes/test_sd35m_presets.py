@@ -22,7 +22,7 @@ from tests.conftest import REPO
 from tests.recipes import _sd35m as tiny
 
 PRESETS = sorted((REPO / "configs" / "sd35m").glob("*.yaml"))
-ALGOS = ("grpo", "opd", "crd", "sft")
+ALGOS = ("grpo", "opd", "crd", "nft", "awm", "sft")
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="flowopd",
-        description="Post-train flow-matching text-to-image models: Flow-GRPO, Flow-OPD, CRD.",
+        description="Post-train flow-matching text-to-image models: Flow-GRPO, Flow-OPD, CRD, "
+        "DiffusionNFT, AWM.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for mod in COMMAND_MODULES:

@@ -9,6 +9,8 @@ ALGOS = {
     "opd": ("flowopd.config.opd:OPDConfig", "flowopd.recipes.opd:train_opd"),
     "sft": ("flowopd.config.sft:SFTConfig", "flowopd.recipes.sft:train_sft"),
     "crd": ("flowopd.config.crd:CRDConfig", "flowopd.recipes.crd:train_crd"),
+    "nft": ("flowopd.config.nft:NFTConfig", "flowopd.recipes.nft:train_nft"),
+    "awm": ("flowopd.config.awm:AWMConfig", "flowopd.recipes.awm:train_awm"),
 }
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
-
 from flowopd.algorithms.crd import EmaDecays, ema_decays
 from flowopd.config.rollout import RolloutRunConfig
 from flowopd.config.sections import (
@@ -37,13 +35,17 @@ from flowopd.config.sections import (
     ModelConfig,
     OutputConfig,
     RolloutOptimConfig,
-    SampleConfig,
     advantage_std_field,
     check_min,
 )
 from flowopd.config.sections import help_field as _help
+from flowopd.config.times import (
+    CleanSampleConfig,
+    TrainingTimes,
+    check_clean_rollouts,
+    check_training_times,
+)
 from flowopd.errors import UserError
-from flowopd.sde import timesteps
 
 __all__ = [
     "CRDModelConfig",
@@ -70,16 +72,7 @@ class CRDModelConfig(ModelConfig):
     )
 
 
-@dataclass
-class CRDSampleConfig(SampleConfig):
-    """Rollouts: GRPO's sample section, with deterministic ODE rollouts as the default."""
-
-    kind: Literal["ode", "sde", "cps"] = _help(
-        "Rollout sampler: 'ode' (deterministic Euler, CRD's default: only the clean samples "
-        "are used), or the stochastic 'sde' / 'cps' at sample.noise_level.",
-        "ode",
-    )
-    sde_window_size: int = _help("Flow-GRPO-Fast only; must stay 0 for CRD.", 0)
+CRDSampleConfig = CleanSampleConfig  # ODE rollouts by default, no Flow-GRPO-Fast window
 
 
 @dataclass
@@ -102,7 +95,7 @@ class CRDOutputConfig(OutputConfig):
 
 
 @dataclass
-class CRDMethodConfig:
+class CRDMethodConfig(TrainingTimes):
     """Centered Reward Distillation: objective, advantages, KL anchor, snapshots, times."""
 
     beta: float = _help(
@@ -175,22 +168,7 @@ class CRDMethodConfig:
             raise UserError(
                 f"crd.anchor_guidance_scale must be >= 0, got {self.anchor_guidance_scale}"
             )
-        if self.num_times < 1:
-            raise UserError(f"crd.num_times must be >= 1, got {self.num_times}")
-        if self.times_per_batch is not None and not 1 <= self.times_per_batch <= self.num_times:
-            raise UserError(
-                f"crd.times_per_batch must lie in [1, crd.num_times={self.num_times}] "
-                f"(or null = all), got {self.times_per_batch}"
-            )
-        if self.time_shift is not None and self.time_shift <= 0:
-            raise UserError(f"crd.time_shift must be > 0 (or null), got {self.time_shift}")
-        if self.time_range is not None and not (
-            len(self.time_range) == 2 and 0 <= self.time_range[0] < self.time_range[1] <= 1
-        ):
-            raise UserError(
-                f"crd.time_range must be [lo, hi] with 0 <= lo < hi <= 1 (or null), "
-                f"got {self.time_range}"
-            )
+        check_training_times(self, "crd")
         if self.sampler_warmup < 0:
             raise UserError(f"crd.sampler_warmup must be >= 0, got {self.sampler_warmup}")
         check_min(self, "crd", ("sampler_rate", "old_rate"), 0)
@@ -198,26 +176,12 @@ class CRDMethodConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"crd.{name} must be in [0, 1), got {getattr(self, name)}")
 
-    @property
-    def times_used(self) -> int:
-        """Training times per minibatch (times_per_batch, else num_times)."""
-        return self.times_per_batch or self.num_times
-
     def decays(self, step: int) -> EmaDecays:
         """Snapshot decays after ``step`` optimizer steps (``algorithms.crd.ema_decays``)."""
         return ema_decays(
             step, sampler_warmup=self.sampler_warmup, sampler_rate=self.sampler_rate,
             old_start=self.old_start, old_rate=self.old_rate, max_decay=self.max_decay,
         )  # fmt: skip
-
-    def time_grid(self, model_shift: float) -> torch.Tensor:
-        """The ``num_times`` training times: the sampling schedule's sigmas without its
-        final 0, (num_times,) float32 from 1 down (20 with shift 3: 1.0, 0.99, ..., 0.009);
-        with ``time_range`` [lo, hi]: linspace(hi, lo, num_times)."""
-        if self.time_range is not None:
-            lo, hi = self.time_range
-            return torch.linspace(hi, lo, self.num_times, dtype=torch.float32)
-        return timesteps(self.num_times, self.time_shift or model_shift)[:-1]
 
 
 @dataclass
@@ -256,11 +220,7 @@ class CRDConfig(RolloutRunConfig):
     # -- checks -------------------------------------------------------------------------
 
     def check_method(self) -> None:
-        if self.sample.sde_window_size:
-            raise UserError(
-                f"sample.sde_window_size={self.sample.sde_window_size} is a Flow-GRPO "
-                "setting that CRD does not use; remove it"
-            )
+        check_clean_rollouts(self.sample, "CRD")
 
     def check_distributed(self, world_size: int) -> None:
         """Raise UserError unless the epoch splits over ``world_size`` processes.

@@ -1,11 +1,13 @@
-"""What every run config that samples prompt groups and trains on them shares (GRPO, OPD, CRD).
+"""What every run config that samples prompt groups and trains on them shares (GRPO, OPD, CRD,
+DiffusionNFT, AWM).
 
 ``RolloutRunConfig`` declares the shared sections (model / data / reward / sample /
 train / eval / output) and the cross-section checks, and carries the epoch layout
 (:class:`~flowopd.config.layout.EpochLayoutMixin`). It is no algorithm's config and
 cannot run by itself: each algorithm's config subclasses it once, adds its own method
-section (``grpo:``, ``opd:``, ``crd:``), swaps a section for a subclass where a default
-differs, and puts its cross-section rules in :meth:`RolloutRunConfig.check_method`.
+section (``grpo:``, ``opd:``, ``crd:``, ``nft:``, ``awm:``), swaps a section for a subclass
+where a default differs, and puts its cross-section rules in
+:meth:`RolloutRunConfig.check_method`.
 No algorithm's config inherits another's.
 """
 

@@ -126,7 +126,7 @@ class RunInputs:
         if not hasattr(cfg, "layout"):
             raise UserError(
                 f"{type(cfg).__name__}: the estimate costs epochs of sampled prompt groups "
-                "(grpo, opd, crd); this config has none"
+                "(grpo, opd, crd, nft, awm); this config has none"
             )
         m, s, t, layout = cfg.model, cfg.sample, cfg.train, cfg.layout
         cfg_rows = 2 if m.guidance_scale > 1.0 else 1

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from functools import partial
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,33 +36,20 @@ from flowopd.config.crd import CRDConfig
 from flowopd.engine.batches import minibatches
 from flowopd.engine.run import Run, TrainState, end_epoch, setup_run
 from flowopd.eval.periodic import evaluate_when_due
-from flowopd.rollouts import (
-    GroupScores,
-    epoch_prompts,
-    epoch_rollouts,
-    sampler_spec,
-    seed_for,
-    task_data,
+from flowopd.recipes.forward import (
+    add_snapshots,
+    clean_epoch,
+    epoch_record,
+    minibatch_times,
+    training_noise,
+    update_snapshot,
 )
+from flowopd.rollouts import sampler_spec, seed_for, task_data
 
 POLICY, SAMPLER, OLD = "policy", "sampler", "old"
 SNAPSHOTS = (SAMPLER, OLD)
 
 __all__ = ["train_crd", "update_snapshot", "group_batches", "POLICY", "SAMPLER", "OLD"]
-
-
-@torch.no_grad()
-def update_snapshot(snapshot: Sequence[Tensor], policy: Sequence[Tensor], decay: float) -> None:
-    """EMA step of a snapshot toward the policy, in place: ``snap <- d snap + (1 - d) theta``.
-
-    ``decay = 0`` copies the policy exactly (on-policy sampling during the warm-up).
-    snapshot, policy: matching lists of adapter parameters (``adapter_parameters``).
-    """
-    for s, p in zip(snapshot, policy, strict=True):
-        if decay == 0.0:
-            s.copy_(p.detach())
-        else:
-            s.lerp_(p.detach().to(s.dtype), 1.0 - decay)  # s + (1 - d) (p - s)
 
 
 def group_batches(
@@ -85,92 +70,49 @@ def group_batches(
     ]
 
 
-def _training_noise(
-    shape: Sequence[int], keys: Sequence[tuple[int | str, ...]], device: torch.device
-) -> Tensor:
-    """One N(0, I) draw per row from its own seed: (B, *shape). Per-image seeds make the
-    noise independent of minibatch composition and process count."""
-    draws = [
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed_for(*k)))
-        for k in keys
-    ]
-    return torch.stack(draws).to(device)
-
-
 def train_crd(cfg: CRDConfig) -> Run:
     """Run CRD as configured; returns the finished ``Run`` (model, paths, history)."""
     # 1. set-up: processes, model + policy LoRA and its two snapshots (the policy's LoRA
     #    shape, starting equal to it), data and rewards, train state; resume
     run = setup_run(cfg, adapter=POLICY)
     model, world, rank = run.model, run.world, run.rank
-    s, t, c = cfg.sample, cfg.train, cfg.crd
+    t, c = cfg.train, cfg.crd
     params = model.adapter_parameters(POLICY)
-    _add_snapshots(model, cfg.model.lora, params)
+    add_snapshots(model, cfg.model.lora, params, SNAPSHOTS)
     datasets, rewards, labels = task_data(cfg)  # mixing alternates between datasets
     ts = TrainState(run, POLICY, t, snapshots=SNAPSHOTS)
     logger, start_epoch = ts.start(cfg.output.resume)
 
-    n_prompts = cfg.prompts_per_process(world)
     spec = sampler_spec(cfg)  # no Flow-GRPO-Fast window: only the clean samples are kept
     for epoch in range(start_epoch, t.epochs):
-        t0 = time.time()
         d = cfg.data.dataset_for_epoch(epoch)
         # 2. sample: the epoch's prompts (the same everywhere, this process takes whole
         #    groups), G images each from the sampler snapshot; only clean samples are kept
-        prompts = epoch_prompts(datasets[d], s.prompts_per_epoch, t.seed, epoch)
-        mine = prompts[rank * n_prompts : (rank + 1) * n_prompts]
-        model.transformer.eval()
-        with model.adapter_active(SAMPLER):
-            ro = epoch_rollouts(
-                cfg, model, mine, rank * n_prompts, spec, epoch, record=False, reward=rewards[d]
-            )
-        t_sample = time.time() - t0 - ro.score_seconds
-
         # 3. score: rewards -> group advantages over the whole (gathered) epoch -> targets
-        t1 = time.time() - ro.score_seconds  # scoring time includes scoring during sampling
-        scores = GroupScores.gather(ro, std=c.adv_std, clip=t.adv_clip)
-        a_all = crd_targets(scores.advantages, clip=t.adv_clip)  # (N_all,) in [0, 1]
-        a = scores.mine(a_all, rank, len(ro)).to(model.device)  # (N,)
-        x0, cond, group_ids = ro.latents.float(), ro.cond, ro.group_ids  # x0: (N, C, h, w)
-        del ro  # images and records are no longer needed
-        t_score = time.time() - t1
+        data = clean_epoch(
+            cfg, model, datasets[d], rewards[d], SAMPLER, spec, epoch, rank, world,
+            adv_std=c.adv_std, targets=crd_targets,
+        )  # fmt: skip
 
         # 4. train on forward-noised clean samples, minibatches of whole prompt groups;
         #    then the snapshots follow the policy, each with its own decay
         t2 = time.time()
-        stats = _train_epoch(cfg, ts, x0, cond, group_ids, a, epoch, rank)
+        stats = _train_epoch(cfg, ts, data.x0, data.cond, data.group_ids, data.weights, epoch, rank)
         t_train = time.time() - t2
         decays = c.decays(ts.opt_steps)
         update_snapshot(model.adapter_parameters(SAMPLER), params, decays.sampler)
         update_snapshot(model.adapter_parameters(OLD), params, decays.old)
 
         # 5. log, evaluate, checkpoint
-        record = {k: float(np.mean(v)) for k, v in stats.items()}
-        record.update(scores.record())
-        record.update(
-            opt_steps=ts.opt_steps, images=len(scores.rewards) * (epoch + 1), dataset=labels[d]
-        )
-        record.update({"decay/sampler": decays.sampler, "decay/old": decays.old})
-        record["times_per_batch"] = c.times_used
-        record.update({"time/sample": t_sample, "time/score": t_score, "time/train": t_train})
+        extra = {"decay/sampler": decays.sampler, "decay/old": decays.old,
+                 "times_per_batch": c.times_used}  # fmt: skip
+        record = epoch_record(stats, data, ts.opt_steps, epoch, labels[d], extra)
+        record["time/train"] = t_train
         end_epoch(run, cfg, ts, logger, epoch, record, evaluate=evaluate_when_due)
 
     # final policy adapter in the diffusers format (EMA weights when EMA is on)
     ts.finish(logger)
     return run
-
-
-def _add_snapshots(model, lora, params: list) -> None:
-    """The sampler and old snapshots: adapters of the policy's LoRA shape, equal to it."""
-    for name in SNAPSHOTS:
-        model.add_adapter(
-            name,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            target_modules=lora.target_modules,
-            init=lora.init if lora.init != "default" else True,
-        )
-        update_snapshot(model.adapter_parameters(name), params, 0.0)
 
 
 def _train_epoch(
@@ -204,24 +146,13 @@ def _train_epoch(
         split=split,
     ):
         rows = mb.rows
-        tgen = torch.Generator().manual_seed(seed_for(t.seed, "times", epoch, mb.inner, mb.index))
-        picked = torch.randperm(len(grid), generator=tgen)[: c.times_used].sort().values
-        for k in picked.tolist():
-            keys = [
-                (t.seed, "crd-noise", epoch, mb.inner, int(group_ids[i]), int(i) % G, k)
-                for i in rows
-            ]
+        for sigma, keys in minibatch_times(
+            grid, c.times_used, mb, group_ids, G, t.seed, epoch, "crd-noise"
+        ):
             loss, st = _time_loss(
-                cfg,
-                ts.run.model,
-                x0[rows],
-                cond[rows],
-                a[rows],
-                group_ids[rows],
-                float(grid[k]),
-                keys,
+                cfg, ts.run.model, x0[rows], cond[rows], a[rows], group_ids[rows], sigma, keys
             )
-            (loss / (len(picked) * acc_steps)).backward()
+            (loss / (c.times_used * acc_steps)).backward()
             for key, val in st.items():
                 stats[key].append(val)
         if mb.step:
@@ -236,7 +167,7 @@ def _time_loss(
     x_t = (1 - t) x0 + t eps, u = eps - x0, l = implicit_reward(v_theta, v_old, u),
     L = crd_loss(l, a, groups, beta) [+ crd_kl(v_theta, v_base^CFG, a)]."""
     c, w_student = cfg.crd, cfg.model.guidance_scale
-    eps = _training_noise(xb.shape[1:], keys, xb.device)  # (B, C, h, w)
+    eps = training_noise(xb.shape[1:], keys, xb.device)  # (B, C, h, w)
     x_t = add_noise(xb, eps, sigma)
     u = eps - xb  # target velocity
     # frozen forwards first, the policy's last: no adapter switch may come between the
