@@ -100,7 +100,7 @@ def plan(args: argparse.Namespace, task: str, method: str, seed: int) -> Job:
 
 def finished(job: Job) -> bool:
     """True when the run's log holds its last epoch's evaluation."""
-    curve = read_curve(Path(job.out))
+    curve = read_curve(Path(job.out), job.task)
     return bool(curve["epoch"]) and curve["epoch"][-1] == job.epochs - 1
 
 
@@ -127,8 +127,8 @@ def train(job: Job) -> float:
     return seconds
 
 
-def read_curve(run_dir: Path) -> dict[str, list]:
-    """The run's evaluations from ``log.jsonl``: per evaluated epoch its ``epoch``,
+def read_curve(run_dir: Path, task: str) -> dict[str, list]:
+    """The run's ``toy-TASK`` evaluations from ``log.jsonl``: per evaluated epoch its ``epoch``,
     cumulative sampled ``images``, cumulative training ``seconds`` (sample + score +
     train), the benchmark ``score`` and its standard error ``se``."""
     curve: dict[str, list] = {k: [] for k in ("epoch", "images", "seconds", "score", "se")}
@@ -144,8 +144,8 @@ def read_curve(run_dir: Path) -> dict[str, list]:
     for e in sorted(by_epoch):
         r = by_epoch[e]
         seconds += sum(r.get(k, 0.0) for k in ("time/sample", "time/score", "time/train"))
-        key = next((k for k in r if k.startswith("eval/toy-") and k.count("/") == 1), None)
-        if key is None:
+        key = f"eval/toy-{task}"
+        if key not in r:
             continue
         curve["epoch"].append(e)
         curve["images"].append(r["images"])
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plot_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             wall = dict(zip(jobs, pool.map(train, jobs), strict=True))
-    curves = {j: read_curve(Path(j.out)) for j in jobs}
+    curves = {j: read_curve(Path(j.out), j.task) for j in jobs}
     means = {t: {m: mean_curve([curves[j] for j in jobs if (j.task, j.method) == (t, m)])
                  for m in methods} for t in tasks}  # fmt: skip
     rows = table(means, {(j.task, j.method): j.guidance for j in jobs})

@@ -141,13 +141,13 @@ def test_efficiency_curves_means_and_table(tmp_path, monkeypatch):
     log(tmp_path / "g0", [0.5, 0.6, 0.7])
     log(tmp_path / "g1", [0.5, 0.6, 0.8])
     log(tmp_path / "n0", [0.7, 0.76, 0.8])
-    c = mod.read_curve(tmp_path / "g0")
+    c = mod.read_curve(tmp_path / "g0", "geneval")
     assert c == {"epoch": [1, 3, 5], "images": [128, 256, 384], "seconds": [20.0, 40.0, 60.0],
                  "score": [0.5, 0.6, 0.7], "se": [0.02, 0.02, 0.02]}  # fmt: skip
-    g = mod.mean_curve([c, mod.read_curve(tmp_path / "g1")])
+    g = mod.mean_curve([c, mod.read_curve(tmp_path / "g1", "geneval")])
     assert g["score"][-1] == 0.75 and g["n"] == [2, 2, 2]
     assert abs(g["se"][-1] - 0.05) < 1e-12  # std (ddof 1) 0.0707 / sqrt(2)
-    n = mod.mean_curve([mod.read_curve(tmp_path / "n0")])
+    n = mod.mean_curve([mod.read_curve(tmp_path / "n0", "geneval")])
     assert n["se"] == [0.02, 0.02, 0.02]  # one seed: the evaluation's own se
     rows = mod.table({"geneval": {"grpo": g, "nft": n}},
                      {("geneval", "grpo"): 3.0, ("geneval", "nft"): 1.0})  # fmt: skip
