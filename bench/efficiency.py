@@ -30,7 +30,6 @@ Runs already in OUT are continued from their checkpoints or, when finished, only
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -65,24 +64,23 @@ class Job:
 
 def config_class(method: str):
     """The config class ``flowopd train METHOD`` loads (its ALGOS registry)."""
-    from flowopd.cli.train import ALGOS
+    from flowopd import algos
 
-    if method not in ALGOS:
-        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(ALGOS)}")
-    module, name = ALGOS[method][0].split(":")
-    return getattr(importlib.import_module(module), name)
+    if method not in algos.ALGOS:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(algos.ALGOS)}")
+    return algos.config_class(method)
 
 
 def plan(args: argparse.Namespace, task: str, method: str, seed: int) -> Job:
     """The run of ``method`` on ``task``: epochs within the budget, eval cadence, overrides
     (validated now, so a bad config fails before hours of other runs)."""
     from flowopd.config import load_config
+    from flowopd.presets import preset_path
 
-    config = (
-        str(Path(args.config_dir) / f"{method}_{task}.yaml")
-        if args.config_dir
-        else f"toy/{method}_{task}"
-    )
+    if args.config_dir:
+        config = str(Path(args.config_dir) / f"{method}_{task}.yaml")
+    else:
+        config = str(preset_path(f"toy/{method}_{task}") or f"toy/{method}_{task}")
     overrides = [*args.set, f"train.seed={seed}", f"eval.num_prompts={args.eval_prompts}",
                  f"eval.benchmarks=[toy-{task}]"]  # fmt: skip
     cfg = load_config(config_class(method), config, overrides)

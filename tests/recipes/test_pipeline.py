@@ -16,13 +16,18 @@ def _pipeline_yaml(tmp: Path, model: Path) -> Path:
         "sample.prompts_per_epoch=4, sample.group_size=4, sample.batch_size=16, "
         "train.batch_size=16, train.optimizer_steps_per_epoch=1, model.lora.rank=4, model.lora.alpha=8]"
     )
+    nft_small = (
+        "[train.epochs=1, sample.num_steps=4, sample.prompts_per_epoch=4, sample.group_size=4, "
+        "sample.batch_size=16, train.batch_size=16, train.optimizer_steps_per_epoch=1, "
+        "nft.num_times=4, nft.times_per_batch=2, model.lora.rank=4, model.lora.alpha=8]"
+    )
     cfg = tmp / "pipeline.yaml"
     cfg.write_text(
         f"""
 out: {tmp / "run"}
 model: {model}
 teachers:
-  - {{task: geneval, config: {REPO}/configs/toy/grpo_geneval.yaml, overrides: {small}}}
+  - {{task: geneval, algo: nft, config: toy/nft_geneval, overrides: {nft_small}}}
   - {{task: ocr, config: {REPO}/configs/toy/grpo_ocr.yaml, overrides: {small}}}
 mix: {{config: {REPO}/configs/toy/grpo_mix.yaml, overrides: {small}}}
 cold_start: {{method: merge, merge_method: delta}}
@@ -40,14 +45,18 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     rows = json.loads((out / "report" / "table.json").read_text())
     names = [r["model"] for r in rows]
     assert names == ["base", "teacher:geneval", "teacher:ocr", "grpo-mix", "cold-start", "flow-opd"]
+    # the report marks which method made each teacher (a DiffusionNFT and a GRPO one here)
+    assert [r.get("method") for r in rows[1:3]] == ["nft", "grpo"]
     for r in rows:
-        assert set(r) == {"model", "toy-geneval", "toy-ocr", "toy-quality", "average", "se"}
+        assert set(r) - {"method"} == {"model", "toy-geneval", "toy-ocr", "toy-quality",
+                                       "average", "se"}  # fmt: skip
         # every column carries its evaluation standard error (metrics.json's overall_se)
         assert set(r["se"]) == {"toy-geneval", "toy-ocr", "toy-quality", "average"}
         vals = [r["toy-geneval"], r["toy-ocr"], r["toy-quality"]]
         assert abs(r["average"] - sum(vals) / 3) < 1e-3
     html = (out / "report" / "index.html").read_text()
     assert "flow-opd" in html and "data:image/png;base64" in html
+    assert "teachers: teacher:geneval by nft, teacher:ocr by grpo" in html
     assert (out / "report" / "reward_curves.png").is_file()
     assert (out / "cold_start" / "lora" / "merge.json").is_file()
     claims = json.loads((out / "report" / "claims.json").read_text())
@@ -106,3 +115,13 @@ def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monke
     # a repeated seed is a one-line user error
     assert main(["pipeline", str(cfg), "seeds=[1, 1]"]) == 2
     assert "seeds repeat a value" in capsys.readouterr().err
+
+
+def test_teacher_algo_is_checked_before_anything_runs(tmp_path, tiny_pixel_dir):
+    cfg = _pipeline_yaml(tmp_path, tiny_pixel_dir)
+    cfg.write_text(cfg.read_text().replace("algo: nft", "algo: sft"))
+    proc = run_cli("pipeline", str(cfg), check=False)
+    assert proc.returncode == 2 and not (tmp_path / "run" / "teachers").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: teachers.0.algo='sft' cannot train a teacher; choose from grpo, crd, nft, awm"
+    )

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-ALGOS = {
-    "grpo": ("flowopd.config.grpo:GRPOConfig", "flowopd.recipes.grpo:train_grpo"),
-    "opd": ("flowopd.config.opd:OPDConfig", "flowopd.recipes.opd:train_opd"),
-    "sft": ("flowopd.config.sft:SFTConfig", "flowopd.recipes.sft:train_sft"),
-    "crd": ("flowopd.config.crd:CRDConfig", "flowopd.recipes.crd:train_crd"),
-    "nft": ("flowopd.config.nft:NFTConfig", "flowopd.recipes.nft:train_nft"),
-    "awm": ("flowopd.config.awm:AWMConfig", "flowopd.recipes.awm:train_awm"),
-}
+from flowopd.algos import ALGOS
+from flowopd.algos import load as _load
 
 
 def register(sub) -> None:
@@ -34,13 +28,6 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
-
-
-def _load(spec: str):
-    import importlib
-
-    mod, name = spec.split(":")
-    return getattr(importlib.import_module(mod), name)
 
 
 def load_run_config(args: argparse.Namespace):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from flowopd.algos import TEACHER_ALGOS
 from flowopd.config.sections import check_benchmarks, check_min
 from flowopd.config.sections import help_field as _help
 from flowopd.errors import UserError
@@ -20,9 +21,14 @@ class StageConfig:
 
 @dataclass
 class TeacherStage(StageConfig):
-    """A single-reward GRPO teacher for one task."""
+    """A single-reward teacher for one task, trained by any single-reward method."""
 
     task: str = _help("Task label this teacher serves (the prompts' 'task').", "")
+    algo: str = _help(
+        "Method that trains this teacher: " + ", ".join(TEACHER_ALGOS) + " (config: its "
+        "recipe's YAML).",
+        "grpo",
+    )
 
 
 @dataclass
@@ -78,7 +84,9 @@ class PipelineConfig:
         "them in out/report/; empty: one run with `seed`, in out/ itself.",
         factory=list,
     )
-    teachers: list[TeacherStage] = _help("One GRPO teacher per task.", factory=list)
+    teachers: list[TeacherStage] = _help(
+        "One teacher per task: {task, algo (grpo, crd, nft, awm), config}.", factory=list
+    )
     mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)
     cold_start: ColdStartConfig = _help("Student initialisation.", factory=ColdStartConfig)
     opd: StageConfig = _help("The Flow-OPD distillation stage.", factory=StageConfig)
@@ -105,9 +113,15 @@ class PipelineConfig:
         if any(not t for t in tasks) or len(set(tasks)) != len(tasks):
             raise UserError(f"each teacher needs a distinct task label, got {tasks}")
         for i, t in enumerate(self.teachers):
+            if t.algo not in TEACHER_ALGOS:
+                raise UserError(
+                    f"teachers.{i}.algo={t.algo!r} cannot train a teacher; choose from "
+                    f"{', '.join(TEACHER_ALGOS)}"
+                )
             if not t.config:
                 raise UserError(
-                    f"teachers.{i}.config is empty: give the GRPO config of the '{t.task}' teacher"
+                    f"teachers.{i}.config is empty: give the {t.algo} config of the "
+                    f"'{t.task}' teacher"
                 )
         if not self.opd.config:
             raise UserError("opd.config is empty: give the OPD config of the distillation stage")

@@ -1,6 +1,7 @@
 """The Flow-OPD experiment as one idempotent command (METHODS.md §3):
 
-  1. teachers: one single-reward Flow-GRPO LoRA per task;
+  1. teachers: one single-reward LoRA per task (Flow-GRPO, CRD, DiffusionNFT or AWM:
+     ``teachers[].algo``);
   2. GRPO-Mix: the multi-reward baseline;
   3. cold start: merge the teachers' LoRAs (or SFT on their samples);
   4. Flow-OPD: on-policy distillation into the student with MAR (and without, optionally);
@@ -174,6 +175,7 @@ class _Stages:
 
 def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
     """Run (or finish) every stage; returns the report's table rows."""
+    from flowopd.algos import config_class, recipe
     from flowopd.config.grpo import GRPOConfig
     from flowopd.config.opd import OPDConfig
     from flowopd.recipes.grpo import train_grpo
@@ -185,14 +187,14 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
         cfg.eval.n = cfg.demo_eval_n
     stages = _Stages(out, log)
 
-    # 1. teachers: single-reward GRPO, one per task
+    # 1. teachers: one per task, each by its own single-reward method (teachers[].algo)
     for t in cfg.teachers:
         run_dir = out / "teachers" / t.task
         over = _stage_overrides(cfg, t, run_dir, budget)
         stages.train(
             f"teacher:{t.task}",
             run_dir,
-            lambda t=t, over=over: train_grpo(_load(GRPOConfig, t.config, over)),
+            lambda t=t, over=over: recipe(t.algo)(_load(config_class(t.algo), t.config, over)),
         )
 
     # 2. the GRPO-Mix baseline
@@ -343,6 +345,10 @@ def write_report(
     rep.mkdir(parents=True, exist_ok=True)
     columns = [b for b in cfg.eval.benchmarks]
     rows = table_rows(results, columns)
+    method = {f"teacher:{t.task}": t.algo for t in cfg.teachers}
+    for row in rows:  # which method made each teacher
+        if row["model"] in method:
+            row["method"] = method[row["model"]]
     write_table(rep / "table.json", rows)
     claims = check_claims(rows, columns)
     write_json(rep / "claims.json", [c.to_dict() for c in claims])
@@ -383,7 +389,8 @@ def write_report(
             dst = rep / f"grid_{_slug(name)}.png"
             shutil.copyfile(grid, dst)
             images[f"samples: {name}"] = dst
-    notes = "claims:\n" + "\n".join(c.line() for c in claims)
+    made_by = ", ".join(f"teacher:{t.task} by {t.algo}" for t in cfg.teachers)
+    notes = f"teachers: {made_by}\n\nclaims:\n" + "\n".join(c.line() for c in claims)
     if timings:
         notes += "\n\nstage times (s): " + json.dumps(timings)
     write_html(rep / "index.html", "Flow-OPD on the embedded world", rows, columns, images, notes)
