@@ -211,6 +211,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
     lines = [f"Machine: {where}", "", head]
     for r in rows:
         reach = "not reached" if r["images_to_target"] is None else str(r["images_to_target"])
+        if r["target"] is None:
+            reach = f"no {REFERENCE} run"
         frac = "" if r["fraction_of_reference"] is None else f"{r['fraction_of_reference']:.2f}"
         sec = "" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}"
         lines.append(f"| {r['task']} | {r['method']} | {r['guidance']:g} | {r['seeds']} | "
