@@ -134,3 +134,62 @@ def test_split_cfg_forward_halves_the_backward_rows(capsys, tmp_path):
     # reference 2 x 2.44 T either way: the training phase drops to ~0.82x
     ratio = split["time_s"]["training"] / batched["time_s"]["training"]
     assert 0.80 < ratio < 0.84
+
+
+@pytest.mark.parametrize(
+    ("preset", "times", "base_rows", "adapter_rows"),
+    [
+        ("nft_geneval", 9, 1, 1),  # 9 of 10 grid times; KL base + old snapshot, CFG-free
+        ("awm_geneval", None, 1, 1),  # the preset's times_used; KL base + EMA snapshot
+        ("crd_ocr", None, 2, 1),  # old snapshot (CFG-free) + the base anchor's CFG pair
+    ],
+)
+def test_forward_process_methods_cost_their_times_and_frozen_forwards(
+    capsys, tmp_path, preset, times, base_rows, adapter_rows
+):
+    """CRD / NFT / AWM train every clean sample at ``times_used`` grid times, each a policy
+    forward + backward plus the method's frozen forwards (``perf.reference_rows``):
+    training = images x times x (F_train + base_rows x F_base + adapter_rows x F_fwd)."""
+    from flowopd.algos import config_class
+    from flowopd.config.loader import load_config
+    from flowopd.config.times import training_times_of
+
+    path = REPO / "configs" / "sd35m" / f"{preset}.yaml"
+    cfg = load_config(config_class(preset.split("_")[0]), str(path), validate=False)
+    est, _ = _estimate(capsys, tmp_path, "--config", str(path), "--gpu", "h100")
+    used = training_times_of(cfg).times_used
+    assert times is None or used == times
+    assert cfg.model.guidance_scale == 1.0  # one row per image: no CFG pair
+    assert perf.reference_rows(cfg, 1) == (base_rows, adapter_rows)
+    f = est["flops"]
+    images = cfg.layout.prompts_per_epoch * cfg.layout.group_size
+    tf = perf.train_step_flops(
+        perf.SD35_MEDIUM,
+        est["image_tokens"],
+        est["text_tokens"],
+        lora_rank=cfg.model.lora.rank,
+        lora_targets=SD3_LORA_TARGETS,
+    ).hardware  # forward + backward + the attention kernel's recomputed scores
+    per_row = tf + base_rows * f["forward_per_row_base"] + adapter_rows * f["forward_per_row"]
+    assert f["training_per_epoch"] == cfg.layout.inner_epochs * images * used * per_row
+
+
+def test_opd_costs_its_teachers_and_the_mar_anchor(capsys, tmp_path):
+    """Flow-OPD: per trained row one routed-teacher forward and, with MAR on, one anchor
+    forward (x 2 under CFG; the preset's anchor is a LoRA, '' = the base); mar_lambda=0
+    drops exactly the anchor's cost."""
+    from flowopd.config.loader import load_config
+    from flowopd.config.opd import OPDConfig
+
+    path = str(REPO / "configs" / "sd35m" / "opd.yaml")
+    cfg = load_config(OPDConfig, path, validate=False)
+    on, _ = _estimate(capsys, tmp_path, "--config", path, "--gpu", "h100")
+    off, _ = _estimate(capsys, tmp_path, "--config", path, "--gpu", "h100", "opd.mar_lambda=0")
+    rows = 2 if cfg.model.guidance_scale > 1 else 1
+    assert cfg.opd.anchor and perf.reference_rows(cfg, rows) == (0, 2 * rows)
+    cfg.opd.anchor = ""
+    assert perf.reference_rows(cfg, rows) == (rows, rows)
+    images = cfg.layout.prompts_per_epoch * cfg.layout.group_size
+    anchor = cfg.layout.inner_epochs * images * cfg.trained_steps * rows
+    saved = on["flops"]["training_per_epoch"] - off["flops"]["training_per_epoch"]
+    assert saved == anchor * on["flops"]["forward_per_row"]

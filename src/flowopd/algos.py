@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ALGOS", "TEACHER_ALGOS", "load", "config_class", "recipe"]
+__all__ = ["ALGOS", "TEACHER_ALGOS", "algo_of_sections", "load", "config_class", "recipe"]
 
 ALGOS: dict[str, tuple[str, str]] = {
     "grpo": ("flowopd.config.grpo:GRPOConfig", "flowopd.recipes.grpo:train_grpo"),
@@ -38,3 +38,11 @@ def config_class(algo: str) -> type:
 def recipe(algo: str) -> Any:
     """The training function of ``algo``: ``recipe(algo)(cfg) -> Run``."""
     return load(ALGOS[algo][1])
+
+
+def algo_of_sections(sections: Any) -> str:
+    """The algorithm a config is for, from its top-level section names: the one named
+    after an algorithm (``opd:``, ``crd:``, ``nft:``, ``awm:``, ``sft:``, ``grpo:``),
+    else ``grpo`` (a GRPO config may leave its ``grpo:`` section at the defaults)."""
+    named = [a for a in ALGOS if a in set(sections)]
+    return named[0] if len(named) == 1 else "grpo"

@@ -23,7 +23,10 @@ def register(sub) -> None:
         description=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     p.add_argument("--config", required=True, help="training YAML or preset (flowopd presets)")
-    p.add_argument("--algo", default="grpo", help="recipe whose config this is (default: grpo)")
+    p.add_argument(
+        "--algo", default=None,
+        help="recipe whose config this is (default: the config's method section, else grpo)",
+    )  # fmt: skip
     p.add_argument(
         "--gpu", default="h100", choices=kinds,
         help="device kind: peak TFLOP/s and memory from the datasheet; cpu: a GEMM measured now",
@@ -45,17 +48,18 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from flowopd.cli.train import ALGOS, _load
+    from flowopd.algos import ALGOS, algo_of_sections, load
     from flowopd.config import load_config
     from flowopd.errors import unknown
     from flowopd.perf import format_estimate
     from flowopd.presets import resolve_config
 
-    if args.algo not in ALGOS:
-        raise unknown("algorithm", args.algo, ALGOS)
     check_device_args(args)
     path = resolve_config(args.config)
-    cfg = load_config(_load(ALGOS[args.algo][0]), path, list(args.overrides), validate=False)
+    args.algo = args.algo or algo_of_sections(_top_level_keys(path))
+    if args.algo not in ALGOS:
+        raise unknown("algorithm", args.algo, ALGOS)
+    cfg = load_config(load(ALGOS[args.algo][0]), path, list(args.overrides), validate=False)
     # the checks that need no data files (an estimate runs before the data is in place)
     for section in ("model", "sample", "train"):
         hook = getattr(getattr(cfg, section, None), "validate", None)
@@ -68,6 +72,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(est.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _top_level_keys(path: str) -> list[str]:
+    """The top-level keys of the YAML file ``path`` (none when it is not a mapping)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return list(data) if isinstance(data, dict) else []
 
 
 def check_device_args(args: argparse.Namespace) -> None:
@@ -83,15 +96,15 @@ def check_device_args(args: argparse.Namespace) -> None:
 
 
 def estimate_for(algo: str, cfg, gpu: str, gpus: int, mfu: float | None, architecture=None):
-    """``perf.estimate_run`` with a note when ``algo`` is costed as GRPO; ``architecture``
-    (arch, shape) when already read (``flowopd check``), else from model.path."""
-    from flowopd.perf import estimate_run
+    """``perf.estimate_run`` of ``algo``'s config; ``architecture`` (arch, shape) when
+    already read (``flowopd check``), else from model.path."""
+    from flowopd.perf import estimate_run, reference_rows
 
     arch, shape = architecture or (None, None)
     est = estimate_run(cfg, gpu, gpus, mfu=mfu, arch=arch, shape=shape)
-    if algo != "grpo":
-        est.notes.append(
-            f"'{algo}' is costed as GRPO (policy forward + backward and one reference "
-            "forward per trained step); its own extra forwards (teachers, anchors) are not"
-        )
+    base, adapters = reference_rows(cfg, 2 if cfg.model.guidance_scale > 1.0 else 1)
+    est.notes.append(
+        f"'{algo}': per trained row and step, policy forward + backward, {base} base and "
+        f"{adapters} adapter forward(s) without autograd (KL reference, snapshots, teachers)"
+    )
     return est

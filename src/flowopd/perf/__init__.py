@@ -49,6 +49,7 @@ from flowopd.perf.estimate import (
     RunInputs,
     estimate_run,
     format_estimate,
+    reference_rows,
     reward_rate,
     si,
 )
@@ -126,6 +127,7 @@ __all__ = [
     "measure_flops",
     "mmdit_ops",
     "pos_embed_elements",
+    "reference_rows",
     "reward_rate",
     "si",
     "train_step_flops",

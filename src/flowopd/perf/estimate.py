@@ -111,7 +111,8 @@ class RunInputs:
     trained_steps: int
     inner_epochs: int
     train_batch_size: int
-    beta_kl: float  # > 0: one KL reference forward per trained step
+    base_rows: int  # forwards of the base without autograd per trained row and step
+    adapter_rows: int  # forwards through another adapter (old, EMA, teacher) likewise
     adamw_8bit: bool
     ema: bool
     rewards: list[str]
@@ -119,7 +120,7 @@ class RunInputs:
 
     @classmethod
     def of(cls, cfg: Any) -> RunInputs:
-        from flowopd.config.grpo import GRPOConfig
+        from flowopd.config.times import training_times_of
         from flowopd.errors import UserError
         from flowopd.paths import resolve_model_path
 
@@ -134,9 +135,11 @@ class RunInputs:
         # without autograd (no backward, no activations); batched CFG back-propagates
         # through both halves whatever cfg_grad says
         split_cond = m.cfg_forward == "split" and t.cfg_grad == "cond"
-        # GRPO and OPD train recorded trajectory steps; CRD trains on forward-noised
-        # samples, costed as GRPO's default int(num_steps x 0.99) steps
-        trained = cfg.trained_steps if hasattr(cfg, "trained_steps") else 0
+        # GRPO and OPD train recorded trajectory steps; CRD, NFT and AWM train every
+        # clean sample at their time grid's times_used times
+        times = training_times_of(cfg)
+        trained = times.times_used if times else getattr(cfg, "trained_steps", 0)
+        base_rows, adapter_rows = reference_rows(cfg, cfg_rows)
         return cls(
             model=resolve_model_path(m.path),
             dtype=_dtype_key(m.dtype),
@@ -153,12 +156,38 @@ class RunInputs:
             trained_steps=trained or max(1, int(s.num_steps * 0.99)),
             inner_epochs=layout.inner_epochs,
             train_batch_size=layout.train_batch_size,
-            beta_kl=cfg.grpo.beta_kl if isinstance(cfg, GRPOConfig) else 0.0,
+            base_rows=base_rows,
+            adapter_rows=adapter_rows,
             adamw_8bit=t.adamw_8bit,
             ema=t.ema,
             rewards=_reward_names(cfg),
             weighted=cfg.reward.mode == "weighted",
         )
+
+
+def reference_rows(cfg: Any, rows: int) -> tuple[int, int]:
+    """(base, adapter) forward rows without autograd per trained row and time, by method.
+
+    ``rows`` = the policy's CFG rows (2 under CFG). GRPO: the KL reference (base) when
+    ``grpo.beta_kl > 0``. OPD: the routed teachers (adapters), plus the MAR anchor when
+    ``opd.mar_lambda > 0`` (the base, or an adapter when ``opd.anchor`` names one). CRD:
+    the old snapshot, plus the base at ``crd.anchor_guidance_scale`` under the KL anchor.
+    NFT: the old snapshot, plus the base when ``nft.kl_beta > 0``. AWM: the base when
+    ``awm.kl_beta > 0`` and the EMA snapshot when ``awm.ema_kl_beta > 0``.
+    """
+    if (g := getattr(cfg, "grpo", None)) is not None:
+        return (rows if g.beta_kl > 0 else 0), 0
+    if (o := getattr(cfg, "opd", None)) is not None:
+        mar = rows if o.mar_lambda > 0 else 0
+        return (0, rows + mar) if o.anchor else (mar, rows)
+    if (c := getattr(cfg, "crd", None)) is not None:
+        anchor = (2 if c.anchor_guidance_scale > 1.0 else 1) if c.kl_anchor else 0
+        return anchor, rows
+    if (n := getattr(cfg, "nft", None)) is not None:
+        return (rows if n.kl_beta > 0 else 0), rows
+    if (a := getattr(cfg, "awm", None)) is not None:
+        return (rows if a.kl_beta > 0 else 0), (rows if a.ema_kl_beta > 0 else 0)
+    return 0, 0
 
 
 def _reward_names(cfg: Any) -> list[str]:
@@ -190,7 +219,7 @@ def _epoch_flops(
 
     sampling = images x num_steps x rows x F_fwd + images x F_vae + (prompts + 1) x F_text
     training = inner x images x trained x (grad_rows x F_train + (rows - grad_rows) x F_fwd
-               + rows x F_ref)
+               + base_rows x F_base + adapter_rows x F_fwd)   (``reference_rows``)
     """
     n_img, n_txt = image_tokens(arch, res, shape.vae_scale), shape.text_tokens
     images = prompts * run.group_size
@@ -204,11 +233,10 @@ def _epoch_flops(
     sample_flops = (
         images * run.num_steps * rows * f_fwd_lora + images * f_vae + (prompts + 1) * f_text
     )
-    ref = f_fwd_base if run.beta_kl > 0 else 0
+    no_grad = (rows - grad_rows + run.adapter_rows) * f_fwd_lora + run.base_rows * f_fwd_base
     train_flops = (
-        run.inner_epochs * images * run.trained_steps
-        * (grad_rows * tf.hardware + (rows - grad_rows) * f_fwd_lora + rows * ref)
-    )  # fmt: skip
+        run.inner_epochs * images * run.trained_steps * (grad_rows * tf.hardware + no_grad)
+    )
     return {
         "forward_per_row": f_fwd_lora,
         "forward_per_row_base": f_fwd_base,
@@ -297,14 +325,17 @@ def estimate_run(
     """Peak memory per process and time per epoch of a GRPO-style run config.
 
     Reads the typed config through :class:`RunInputs` (``model:``, ``sample:``, ``train:``,
-    the epoch layout and the reward names of a GRPO, OPD or CRD config). Time per epoch,
+    the epoch layout and the reward names of a GRPO, OPD, CRD, NFT or AWM config). Time per epoch,
     per process (each of ``gpus`` processes samples P / gpus prompts x G images):
 
         sampling = images x num_steps x rows x F_fwd / R + images x F_vae / R + text
         scoring  = images / reward_rate(reward, device)          (rough table)
-        training = inner_epochs x images x trained_steps x rows x (F_train + F_ref) / R
+        training = inner_epochs x images x trained_steps
+                   x (rows x F_train + base_rows x F_base + adapter_rows x F_fwd) / R
 
-    with rows = 2 under CFG, F_ref the KL reference forward (no LoRA) when beta_kl > 0,
+    with rows = 2 under CFG, trained_steps the recorded steps (GRPO, OPD) or the time
+    grid's times_used (CRD, NFT, AWM), base_rows / adapter_rows the method's frozen
+    forwards (``reference_rows``: KL reference, old / EMA snapshots, teachers, anchor),
     R = peak x mfu (CPU: a GEMM measured now x mfu; mfu None = ``default_mfu(device)``,
     measured on an H100 for GPUs). Memory: frozen weights in the model
     dtype, VAE and text encoders in float32 (as the sd3 backend loads them; the text
