@@ -49,13 +49,15 @@ def test_an_existing_file_wins_and_unknown_names_are_one_line(tmp_path, monkeypa
         resolve_config("toy/grpo_ocrr")
 
 
-def test_the_pipeline_preset_finds_its_stage_presets(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["toy/flow_opd", "toy/demo"])
+def test_the_pipeline_presets_find_their_stage_presets(tmp_path, monkeypatch, preset):
     from flowopd.config import load_config
     from flowopd.config.pipeline import PipelineConfig
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(PipelineConfig, resolve_config("toy/flow_opd"), [])
-    stages = [t.config for t in cfg.teachers] + [cfg.mix.config, cfg.opd.config]
+    cfg = load_config(PipelineConfig, resolve_config(preset), [])
+    stages = [t.config for t in cfg.teachers] + [cfg.opd.config]
+    stages += [cfg.mix.config] if cfg.mix.config else []
     for config in stages:
         assert Path(resolve_config(config)).is_relative_to(PRESETS_DIR), config
 

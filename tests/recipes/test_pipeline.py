@@ -33,6 +33,8 @@ mix: {{config: {REPO}/configs/toy/grpo_mix.yaml, overrides: {small}}}
 cold_start: {{method: merge, merge_method: delta}}
 opd: {{config: {REPO}/configs/toy/opd.yaml, overrides: {small}}}
 eval: {{n: 6, steps: 3, batch_size: 12}}
+claims: {{gain: 0.15}}
+teacher_jobs: 2
 """
     )
     return cfg
@@ -59,8 +61,12 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     assert "teachers: teacher:geneval by nft, teacher:ocr by grpo" in html
     assert (out / "report" / "reward_curves.png").is_file()
     assert (out / "cold_start" / "lora" / "merge.json").is_file()
+    # teacher_jobs=2: both teachers trained at once in their own processes, consoles apart
+    assert "teacher:ocr: training in its own process" in proc.stdout
+    assert "epoch 0 |" in (out / "teachers" / "ocr" / "console.log").read_text()
     claims = json.loads((out / "report" / "claims.json").read_text())
     assert len(claims) == 8 and {c["passed"] for c in claims} <= {True, False, None}
+    assert "(needs >= +0.15)" in claims[0]["detail"]  # the config's claims.gain
     assert claims[-1] == {"name": "MAR raises quality", "passed": None,
                           "detail": "no MAR-off row (mar_ablation=true)"}  # fmt: skip
     assert "[n/a ] MAR raises quality" in html and "claims:" in proc.stdout

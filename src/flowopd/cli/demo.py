@@ -1,15 +1,15 @@
-"""``flowopd demo [--out DIR]``: the Flow-OPD pipeline on the embedded model at the demo budget.
+"""``flowopd demo [--out DIR]``: the Flow-OPD pipeline on the embedded model in minutes.
 
-The same run as ``make demo``: ``flowopd pipeline toy/flow_opd --budget demo --out runs/demo``
-(teachers -> GRPO-Mix -> cold start -> Flow-OPD -> eval -> report), on CPU from an
-installed wheel. Idempotent: finished stages are skipped when rerun with the same DIR.
+The same run as ``make demo``: ``flowopd pipeline toy/demo --out runs/demo`` (DiffusionNFT
+teachers -> merged cold start -> Flow-OPD -> eval -> report), on CPU from an installed
+wheel. Idempotent: finished stages are skipped when rerun with the same DIR.
 """
 
 from __future__ import annotations
 
 import argparse
 
-DEMO_PRESET = "toy/flow_opd"
+DEMO_PRESET = "toy/demo"
 DEMO_OUT = "runs/demo"
 
 
@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from flowopd.cli import pipeline
 
     ns = argparse.Namespace(
-        config=DEMO_PRESET, out=args.out, budget="demo", overrides=list(args.overrides)
+        config=DEMO_PRESET, out=args.out, budget="full", overrides=list(args.overrides)
     )
     return pipeline.run(ns)

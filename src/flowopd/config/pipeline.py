@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,6 +74,20 @@ class PipelineEval:
 
 
 @dataclass
+class PipelineClaims:
+    """The bars of the report's claims (``flowopd.eval.claims``; defaults: the paper's)."""
+
+    gain: float = _help("Seesaw: each teacher's least gain over the base on its task.", 0.2)
+    leak: float = _help("Seesaw: each teacher's largest gain on the other tasks.", 0.05)
+    tolerance: float = _help("The student's largest shortfall from each teacher.", 0.02)
+    quality_margin: float = _help("MAR: the least toy-quality gain that is not a tie.", 0.005)
+    z: float = _help("Standard errors an ordering claim must clear.", 2.0)
+
+    def validate(self) -> None:
+        check_min(self, "claims", ("leak", "tolerance", "quality_margin", "z"), 0)
+
+
+@dataclass
 class PipelineConfig:
     """The whole Flow-OPD experiment of METHODS.md §3 as one idempotent command."""
 
@@ -87,6 +102,11 @@ class PipelineConfig:
     teachers: list[TeacherStage] = _help(
         "One teacher per task: {task, algo (grpo, crd, nft, awm), config}.", factory=list
     )
+    teacher_jobs: int = _help(
+        "Teachers trained at once, each in its own process with an equal share of the "
+        "threads (one machine, no torchrun); 1 = one after another.",
+        1,
+    )
     mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)
     cold_start: ColdStartConfig = _help("Student initialisation.", factory=ColdStartConfig)
     opd: StageConfig = _help("The Flow-OPD distillation stage.", factory=StageConfig)
@@ -97,10 +117,18 @@ class PipelineConfig:
     )
     demo_eval_n: int = _help("Prompts per benchmark at evaluation with --budget demo.", 30)
     eval: PipelineEval = _help("Evaluation of every model.", factory=PipelineEval)
+    claims: PipelineClaims = _help("Bars of the report's claims.", factory=PipelineClaims)
 
     def validate(self) -> None:
         if self.seed < 0 or any(s < 0 for s in self.seeds):
             raise UserError(f"seed and seeds must be >= 0, got {self.seed} and {self.seeds}")
+        if self.teacher_jobs < 1:
+            raise UserError(f"teacher_jobs must be >= 1, got {self.teacher_jobs}")
+        if self.teacher_jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(
+                "teacher_jobs > 1 trains teachers in their own processes on one machine; "
+                "under torchrun set teacher_jobs=1 (every process trains each teacher)"
+            )
         if self.demo_eval_n < 1:
             raise UserError(f"demo_eval_n must be >= 1, got {self.demo_eval_n}")
         if len(set(self.seeds)) != len(self.seeds):

@@ -25,7 +25,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flowopd.config import load_config
@@ -129,7 +129,7 @@ def write_seeds_report(cfg: PipelineConfig, rows: list[dict], out: Path) -> None
     rep.mkdir(parents=True, exist_ok=True)
     columns = list(cfg.eval.benchmarks)
     write_table(rep / "table.json", rows)
-    claims = check_claims(rows, columns)
+    claims = check_claims(rows, columns, **asdict(cfg.claims))
     write_json(rep / "claims.json", [c.to_dict() for c in claims])
     images: dict[str, Path] = {}
     for seed in cfg.seeds:
@@ -175,7 +175,6 @@ class _Stages:
 
 def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[dict]:
     """Run (or finish) every stage; returns the report's table rows."""
-    from flowopd.algos import config_class, recipe
     from flowopd.config.grpo import GRPOConfig
     from flowopd.config.opd import OPDConfig
     from flowopd.recipes.grpo import train_grpo
@@ -188,14 +187,7 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
     stages = _Stages(out, log)
 
     # 1. teachers: one per task, each by its own single-reward method (teachers[].algo)
-    for t in cfg.teachers:
-        run_dir = out / "teachers" / t.task
-        over = _stage_overrides(cfg, t, run_dir, budget)
-        stages.train(
-            f"teacher:{t.task}",
-            run_dir,
-            lambda t=t, over=over: recipe(t.algo)(_load(config_class(t.algo), t.config, over)),
-        )
+    _train_teachers(cfg, stages, budget)
 
     # 2. the GRPO-Mix baseline
     if cfg.mix.config:
@@ -231,6 +223,34 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
 
     # 6. report
     return write_report(cfg, results, stages.models, stages.curves, out, stages.timings)
+
+
+def _train_teachers(cfg: PipelineConfig, stages: _Stages, budget: str) -> None:
+    """Train each teacher (``teachers[].algo``), one after another, or ``teacher_jobs`` at
+    once in their own processes, each with an equal share of this process's threads."""
+    import torch
+
+    from flowopd.algos import config_class, recipe
+    from flowopd.recipes.parallel import StageJob, train_in_processes
+
+    jobs = []
+    for t in cfg.teachers:
+        run_dir = stages.out / "teachers" / t.task
+        over = _stage_overrides(cfg, t, run_dir, budget)
+        name = f"teacher:{t.task}"
+        if cfg.teacher_jobs == 1 or _done(run_dir):
+            stages.train(
+                name, run_dir,
+                lambda t=t, over=over: recipe(t.algo)(_load(config_class(t.algo), t.config, over)),
+            )  # fmt: skip
+            continue
+        epochs = _load(config_class(t.algo), t.config, over).train.epochs  # checked up front
+        jobs.append(StageJob(name, t.algo, t.config, tuple(over), run_dir, epochs))
+        stages.models[name], stages.curves[name] = run_dir / "lora", run_dir / "log.jsonl"
+    if jobs:
+        processes = min(cfg.teacher_jobs, len(jobs))
+        threads = max(1, torch.get_num_threads() // processes)
+        stages.timings.update(train_in_processes(jobs, processes, threads, log=stages.log))
 
 
 def _cold_start(
@@ -350,7 +370,7 @@ def write_report(
         if row["model"] in method:
             row["method"] = method[row["model"]]
     write_table(rep / "table.json", rows)
-    claims = check_claims(rows, columns)
+    claims = check_claims(rows, columns, **asdict(cfg.claims))
     write_json(rep / "claims.json", [c.to_dict() for c in claims])
     reward_curves = {}
     kl_curves = {}

@@ -1,0 +1,89 @@
+"""Independent training stages at once, one process each (the pipeline's teachers).
+
+Each stage runs ``recipe(algo)(config)`` in a spawned process with ``threads`` torch threads
+and its console in ``<run_dir>/console.log``; the parent prints every stage's progress
+(epochs done, from its ``log.jsonl``) every ``every`` seconds. For a single machine
+without a launcher: under torchrun every process already trains every stage together.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["StageJob", "train_in_processes"]
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One stage: its report name, algorithm, config file, overrides and output folder."""
+
+    name: str
+    algo: str
+    config: str
+    overrides: tuple[str, ...]
+    run_dir: Path
+    epochs: int
+
+
+def _run_stage(job: StageJob, threads: int) -> float:
+    """Child process: train ``job`` with ``threads`` threads; returns its seconds."""
+    import contextlib
+    import sys
+
+    import torch
+
+    from flowopd.algos import config_class, recipe
+    from flowopd.config import load_config
+    from flowopd.presets import resolve_config
+
+    torch.set_num_threads(threads)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(job.run_dir / "console.log", "a") as log, contextlib.redirect_stdout(log):
+        sys.stderr = log
+        cfg = load_config(config_class(job.algo), resolve_config(job.config), job.overrides)
+        recipe(job.algo)(cfg)
+    return time.time() - t0
+
+
+def _epochs_done(run_dir: Path) -> int:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["epoch"] + 1 if lines else 0
+
+
+def train_in_processes(
+    jobs: Sequence[StageJob],
+    processes: int,
+    threads: int,
+    log: Callable[[str], None] = print,
+    every: float = 30.0,
+) -> dict[str, float]:
+    """Train ``jobs`` with at most ``processes`` at once; returns ``{name: seconds}``.
+
+    A stage that fails re-raises its error here after the others finish."""
+    ctx = mp.get_context("spawn")  # no forked torch state in the children
+    seconds: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
+        running: dict[Future, StageJob] = {pool.submit(_run_stage, j, threads): j for j in jobs}
+        for j in jobs:
+            log(f"[pipeline] {j.name}: training in its own process -> {j.run_dir}")
+        while running:
+            done, _ = wait(running, timeout=every, return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                seconds[job.name] = round(fut.result(), 1)
+                log(f"[pipeline] {job.name}: done in {seconds[job.name]:.0f}s")
+            if running and not done:
+                log("[pipeline] " + ", ".join(
+                    f"{j.name} epoch {_epochs_done(j.run_dir)}/{j.epochs}" for j in running.values()
+                ))  # fmt: skip
+    return seconds
