@@ -121,6 +121,13 @@ def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monke
     # a repeated seed is a one-line user error
     assert main(["pipeline", str(cfg), "seeds=[1, 1]"]) == 2
     assert "seeds repeat a value" in capsys.readouterr().err
+    # parallel teachers are for one machine: under torchrun every process trains each one
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pipeline", str(cfg)]) == 2
+    assert "under torchrun set teacher_jobs=1" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["pipeline", str(cfg), "teacher_jobs=0"]) == 2
+    assert "teacher_jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_teacher_algo_is_checked_before_anything_runs(tmp_path, tiny_pixel_dir):
