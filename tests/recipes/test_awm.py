@@ -20,29 +20,24 @@ from flowopd.errors import UserError
 from flowopd.recipes.awm import EMA_KL, POLICY, train_awm
 from flowopd.recipes.forward import pick_times
 from flowopd.sde import timesteps
-from tests.recipes.conftest import read_log, run_cli, torchrun_cli, train_quietly
+from tests.recipes.conftest import (
+    check_resume_is_bitwise,
+    check_two_processes_equal_one,
+    forward_run_yaml,
+    read_log,
+    run_cli,
+    train_quietly,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _yaml(tmp: Path, model: Path) -> Path:
-    """A small AWM run: 4 prompts x 4 images, 4 ODE steps, minibatches of 8 images,
-    3 of the 5 grid times (6 less t = 1) per minibatch, toy quality reward."""
-    cfg = tmp / "awm.yaml"
-    cfg.write_text(
-        f"""
-model: {{path: {model}, dtype: float32, resolution: null, lora: {{rank: 4, alpha: 8}}}}
-data: {{train: "world:geneval"}}
-reward: toy_quality
-sample: {{num_steps: 4, eval_num_steps: 8, group_size: 4, prompts_per_epoch: 4, batch_size: 8}}
-train: {{epochs: 2, batch_size: 8, optimizer_steps_per_epoch: 1, lr: 1.0e-3, seed: 3,
-        ema_every: 1}}
-awm: {{num_times: 6, time_fraction: 1.0, times_per_batch: 3}}
-eval: {{every: 0}}
-output: {{dir: {tmp / "run"}, checkpoint_every: 1, keep_last: 0}}
-"""
+    """A small AWM run (``forward_run_yaml``): 3 of the 5 grid times (6 less t = 1) per
+    minibatch."""
+    return forward_run_yaml(
+        tmp, model, "awm", "awm: {num_times: 6, time_fraction: 1.0, times_per_batch: 3}"
     )
-    return cfg
 
 
 def _train(tmp: Path, model: Path, **overrides: str):
@@ -140,20 +135,7 @@ def test_no_ema_kl_means_no_snapshot(tmp_path, tiny_pixel_dir):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_pixel_dir):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    full = _train(a, tiny_pixel_dir, **{"train.epochs": "2"}).model
-    _train(b, tiny_pixel_dir, **{"train.epochs": "1"})  # "interrupted" after epoch 0
-    resumed = _train(b, tiny_pixel_dir, **{"train.epochs": "2", "output.resume": "true"})
-    assert [r["epoch"] for r in resumed.history] == [1]
-    for name in (POLICY, EMA_KL):
-        wa, wb = full.adapter_state_dict(name), resumed.model.adapter_state_dict(name)
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), (name, k)
-    la = load_file(a / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    lb = load_file(b / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
-    assert read_log(a / "run")[-1]["loss"] == read_log(b / "run")[-1]["loss"]
+    check_resume_is_bitwise(_train, tmp_path, tiny_pixel_dir, (POLICY, EMA_KL), 2, "loss")
 
 
 def test_training_moves_the_policy_toward_good_images(tmp_path, tiny_pixel_dir):
@@ -220,19 +202,5 @@ def test_preset_loads():
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
-    # all grid times and one minibatch per process: the process-averaged gradient of
-    # 2 x 8 images equals that of 16 images in one process (grad_norm: magnitudes too)
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    common = ["train.epochs=1", "train.ema=false", "awm.times_per_batch=null"]
-    _train(
-        one, tiny_pixel_dir, **dict(kv.split("=") for kv in common), **{"train.batch_size": "16"}
-    )
-    config = str(_yaml(two, tiny_pixel_dir))
-    torchrun_cli("train", "awm", "--config", config, *common, "train.batch_size=8")
-    first = [read_log(d / "run")[0] for d in (one, two)]
-    assert first[0]["reward_mean"] == pytest.approx(first[1]["reward_mean"], abs=1e-6)
-    assert first[0]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)
-    w = [load_file(d / "run" / "lora" / "pytorch_lora_weights.safetensors") for d in (one, two)]
-    for k in w[0]:
-        torch.testing.assert_close(w[0][k], w[1][k], atol=1e-5, rtol=1e-4)  # summation order
+    common = {"train.epochs": "1", "train.ema": "false", "awm.times_per_batch": "null"}
+    check_two_processes_equal_one(_train, _yaml, tmp_path, tiny_pixel_dir, "awm", common)

@@ -20,29 +20,20 @@ from flowopd.config.crd import CRDConfig
 from flowopd.engine.checkpoint import load_checkpoint
 from flowopd.errors import UserError
 from flowopd.recipes.crd import OLD, POLICY, SAMPLER, group_batches, train_crd
-from tests.recipes.conftest import free_port, run_cli
+from tests.recipes.conftest import (
+    check_resume_is_bitwise,
+    check_two_processes_equal_one,
+    forward_run_yaml,
+    run_cli,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _yaml(tmp: Path, model: Path) -> Path:
-    """A small CRD run: 4 prompts x 4 images, 4 ODE steps, minibatches of 2 groups,
-    3 of 6 training times per minibatch, toy quality reward."""
-    cfg = tmp / "crd.yaml"
-    cfg.write_text(
-        f"""
-model: {{path: {model}, dtype: float32, resolution: null, lora: {{rank: 4, alpha: 8}}}}
-data: {{train: "world:geneval"}}
-reward: toy_quality
-sample: {{num_steps: 4, eval_num_steps: 8, group_size: 4, prompts_per_epoch: 4, batch_size: 8}}
-train: {{epochs: 2, batch_size: 8, optimizer_steps_per_epoch: 1, lr: 1.0e-3, seed: 3,
-        ema_every: 1}}
-crd: {{num_times: 6, times_per_batch: 3}}
-eval: {{every: 0}}
-output: {{dir: {tmp / "run"}, checkpoint_every: 1, keep_last: 0}}
-"""
-    )
-    return cfg
+    """A small CRD run (``forward_run_yaml``): minibatches of 2 groups, 3 of 6 training
+    times per minibatch."""
+    return forward_run_yaml(tmp, model, "crd", "crd: {num_times: 6, times_per_batch: 3}")
 
 
 def _train(tmp: Path, model: Path, **overrides: str):
@@ -155,20 +146,8 @@ def test_cfg_grad_applies_only_when_the_student_uses_cfg(tmp_path, tiny_pixel_di
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_pixel_dir):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    full = _train(a, tiny_pixel_dir, **{"train.epochs": "3"}).model
-    _train(b, tiny_pixel_dir, **{"train.epochs": "2"})  # "interrupted" after epoch 1
-    resumed = _train(b, tiny_pixel_dir, **{"train.epochs": "3", "output.resume": "true"})
-    assert [r["epoch"] for r in resumed.history] == [2]
-    for name in (POLICY, SAMPLER, OLD):
-        wa, wb = full.adapter_state_dict(name), resumed.model.adapter_state_dict(name)
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), (name, k)
-    la = load_file(a / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    lb = load_file(b / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
-    assert _log(a / "run")[-1]["reward_mean"] == _log(b / "run")[-1]["reward_mean"]
+    adapters = (POLICY, SAMPLER, OLD)
+    check_resume_is_bitwise(_train, tmp_path, tiny_pixel_dir, adapters, 3, "reward_mean")
 
 
 def test_policy_learns_the_reward(tmp_path, tiny_pixel_dir):
@@ -217,30 +196,6 @@ def test_presets_load():
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, tiny_pixel_dir):
-    # all training times (no per-minibatch subset) and one minibatch per process: the
-    # averaged gradient of 2 x 8 images equals that of 16 images in one process
-    import subprocess
-    import sys
-
-    from tests.recipes.conftest import cli_env
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
+    # all training times (no per-minibatch subset), one minibatch (2 groups) per process
     common = {"train.epochs": "1", "train.ema": "false", "crd.times_per_batch": "null"}
-    _train(one, tiny_pixel_dir, **common, **{"train.batch_size": "16"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", "-m", "flowopd", "train", "crd", "--config",
-           str(_yaml(two, tiny_pixel_dir)), *[f"{k}={v}" for k, v in common.items()],
-           "train.batch_size=8"]  # fmt: skip
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r1, r2 = _log(one / "run")[0], _log(two / "run")[0]
-    assert r1["reward_mean"] == pytest.approx(r2["reward_mean"], abs=1e-6)
-    # the clipped norm of the process-averaged gradient: magnitudes, not just signs
-    # (Adam's first step is lr * sign(g), so equal weights alone would check little)
-    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
-    w1 = load_file(one / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    w2 = load_file(two / "run" / "lora" / "pytorch_lora_weights.safetensors")
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)  # summation order
-    assert any(w1[k].abs().sum() > 0 for k in w1 if "lora_B" in k)
+    check_two_processes_equal_one(_train, _yaml, tmp_path, tiny_pixel_dir, "crd", common)
