@@ -5,12 +5,13 @@ The FLOP convention is in the docstring of :mod:`flowopd.perf`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from flowopd.perf.device import DEVICES, cpu_matmul_tflops, default_mfu
 from flowopd.perf.flops import (
-    MMDiTArch,
+    Arch,
+    FluxArch,
     PipelineShape,
     forward_flops,
     image_tokens,
@@ -184,7 +185,7 @@ def _device_rate(
 
 
 def _epoch_flops(
-    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, prompts: int
+    run: RunInputs, arch: Arch, shape: PipelineShape, res: int, prompts: int
 ) -> dict[str, int]:
     """Per-row and per-epoch FLOPs of one process (the ``flops`` of a RunEstimate).
 
@@ -234,7 +235,7 @@ def _scoring_seconds(run: RunInputs, images: int, device: str, notes: list[str])
 
 
 def _memory(
-    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, images: int, device: str
+    run: RunInputs, arch: Arch, shape: PipelineShape, res: int, images: int, device: str
 ) -> dict[str, int]:
     """Bytes per process by component, and ``peak`` (see :func:`estimate_run`)."""
     db = dtype_bytes(run.dtype)
@@ -290,7 +291,7 @@ def estimate_run(
     gpus: int = 1,
     *,
     mfu: float | None = None,
-    arch: MMDiTArch | None = None,
+    arch: Arch | None = None,
     shape: PipelineShape | None = None,
     cpu_tflops: float | None = None,
 ) -> RunEstimate:
@@ -304,7 +305,7 @@ def estimate_run(
         scoring  = images / reward_rate(reward, device)          (rough table)
         training = inner_epochs x images x trained_steps x rows x (F_train + F_ref) / R
 
-    with rows = 2 under CFG, F_ref the KL reference forward (no LoRA) when beta_kl > 0,
+    with rows = 2 under CFG (1 for FLUX: guidance embedding, no CFG pair), F_ref the KL reference forward (no LoRA) when beta_kl > 0,
     R = peak x mfu (CPU: a GEMM measured now x mfu; mfu None = ``default_mfu(device)``,
     measured on an H100 for GPUs). Memory: frozen weights in the model
     dtype, VAE and text encoders in float32 (as the sd3 backend loads them; the text
@@ -318,6 +319,10 @@ def estimate_run(
         arch, shape = load_architecture(run.model)
     res = run.resolution or arch.sample_size * shape.vae_scale
     notes: list[str] = []
+    if isinstance(arch, FluxArch):
+        # FLUX: the guidance scale is an embedding (dev) or unused (schnell); no CFG pair
+        run = replace(run, cfg_rows=1, grad_rows=1)
+        notes.append("FLUX: guidance is an embedding of the one forward per step (1 row/image)")
     peak, device_name, mem_cap = _device_rate(device, run.dtype, cpu_tflops, notes)
     if mfu is None:
         mfu = default_mfu(device)
