@@ -476,8 +476,6 @@ def mark_gradients(
         lora = is_lora_target(name, targets)
         part = name.split(".")
         if name.startswith("single_transformer_blocks."):  # FLUX: one joint stream
-            if part[2] == "norm":
-                pending = {}
             grad, img, ff_hidden = _single_block_grad(
                 ".".join(part[2:]), lora, img or txt, ff_hidden, attn_grad, pending
             )
@@ -538,7 +536,8 @@ def _single_block_grad(
     stream depends on a LoRA weight after it, the MLP hidden layer does). q/k/v and
     proj_mlp read the normalised stream; proj_out reads [attention output, GELU(MLP)]
     and adds to the stream; the adaLN linear needs none. Updates ``pending['attn']``."""
-    if kind == "norm.linear":
+    if kind == "norm.linear":  # first op of a block
+        pending.clear()
         return False, stream, hidden
     if kind == "proj_mlp":
         return stream, stream, stream or lora
