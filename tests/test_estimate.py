@@ -160,7 +160,7 @@ def test_forward_process_methods_cost_their_times_and_frozen_forwards(
     used = training_times_of(cfg).times_used
     assert times is None or used == times
     assert cfg.model.guidance_scale == 1.0  # one row per image: no CFG pair
-    assert perf.reference_rows(cfg, 1) == (base_rows, adapter_rows)
+    assert perf.reference_rows(cfg) == (base_rows, adapter_rows)
     f = est["flops"]
     images = cfg.layout.prompts_per_epoch * cfg.layout.group_size
     tf = perf.train_step_flops(
@@ -186,10 +186,65 @@ def test_opd_costs_its_teachers_and_the_mar_anchor(capsys, tmp_path):
     on, _ = _estimate(capsys, tmp_path, "--config", path, "--gpu", "h100")
     off, _ = _estimate(capsys, tmp_path, "--config", path, "--gpu", "h100", "opd.mar_lambda=0")
     rows = 2 if cfg.model.guidance_scale > 1 else 1
-    assert cfg.opd.anchor and perf.reference_rows(cfg, rows) == (0, 2 * rows)
+    assert cfg.opd.anchor and perf.reference_rows(cfg) == (0, 2 * rows)
     cfg.opd.anchor = ""
-    assert perf.reference_rows(cfg, rows) == (rows, rows)
+    assert perf.reference_rows(cfg) == (rows, rows)
+    assert perf.reference_rows(cfg, cfg_pairs=False) == (1, 1)  # FLUX: one row a forward
     images = cfg.layout.prompts_per_epoch * cfg.layout.group_size
     anchor = cfg.layout.inner_epochs * images * cfg.trained_steps * rows
     saved = on["flops"]["training_per_epoch"] - off["flops"]["training_per_epoch"]
     assert saved == anchor * on["flops"]["forward_per_row"]
+
+
+FLUX1DEV = str(REPO / "configs" / "flux1dev" / "grpo_geneval.yaml")
+
+
+def test_flux1dev_geneval_by_hub_id(capsys, tmp_path):
+    """FLUX.1-dev from its hub id, nothing downloaded: 19 + 38 blocks (11.9 B parameters),
+    LoRA r=64 on Flow-GRPO's FLUX targets, 512 px -> (512/8/2)^2 = 1024 packed image tokens
+    + 512 T5 tokens, one row per image (guidance embedding, no CFG pair)."""
+    est, text = _estimate(capsys, tmp_path, "--config", FLUX1DEV, "--gpu", "h100", "--gpus", "8")
+    assert est["params"] == 11_901_408_320 == perf.transformer_params(perf.FLUX1_DEV)
+    assert est["lora_params"] == 179_306_496
+    assert (est["image_tokens"], est["text_tokens"], est["rows_per_image"]) == (1024, 512, 1)
+    assert "memory per process:" in text and "lora+grads+adamw+ema" in text
+    mem = est["memory"]
+    assert mem["transformer"] == 11_901_408_320 * 2  # bf16, no positional table
+    assert mem["text_encoders"] == (123_060_480 + 4_762_310_656) * 4
+    assert mem["lora+grads+adamw+ema"] == 179_306_496 * (4 + 4 + 8 + 4)
+    assert 40 * GiB < mem["peak"] < 80 * GiB  # Flow-GRPO's micro-batch of 3 fits an H100
+    assert "guidance is an embedding" in text
+
+
+def test_tiny_flux_counts_match_torch_and_peft():
+    """FLUX FLOPs (forward, LoRA forward, LoRA train step) equal torch's FlopCounterMode on a
+    tiny FLUX transformer, and the LoRA parameter count equals peft's."""
+    import torch
+
+    from flowopd.lora_targets import FLUX_TARGETS
+    from flowopd.models.flux import FluxModel
+    from flowopd.models.tiny_flux import build_tiny_flux_pipeline
+
+    m = FluxModel(build_tiny_flux_pipeline(), max_sequence_length=4, native_resolution=16)
+    arch = perf.FluxArch.from_config(dict(m.transformer.config))
+    assert perf.transformer_params(arch) == sum(p.numel() for p in m.transformer.parameters())
+    m.add_adapter("p", rank=4, alpha=4)
+    m.set_adapter("p", trainable=True)
+    assert perf.lora_params(arch, 4, FLUX_TARGETS) == sum(
+        p.numel() for p in m.adapter_parameters("p")
+    )
+    x, cond = torch.randn(1, 4, 8, 8), m.encode_prompts(["a red circle"])
+    n_img, n_txt = 16, cond.embeds.shape[1]
+    lora = {"lora_rank": 4, "lora_targets": FLUX_TARGETS}
+    with torch.no_grad():
+        with m.adapters_disabled():
+            base = perf.measure_flops(lambda: m.velocity(x, 0.5, cond, guidance_scale=3.5))
+        fwd = perf.measure_flops(lambda: m.velocity(x, 0.5, cond, guidance_scale=3.5))
+        for p in m.adapter_parameters("p"):
+            p.normal_()  # B != 0: every LoRA factor gets a gradient
+    assert base == perf.forward_flops(arch, n_img, n_txt)
+    assert fwd == perf.forward_flops(arch, n_img, n_txt, **lora)
+    train = perf.measure_flops(
+        lambda: m.velocity(x, 0.5, cond, guidance_scale=3.5).sum().backward()
+    )
+    assert train == perf.train_step_flops(arch, n_img, n_txt, **lora).hardware

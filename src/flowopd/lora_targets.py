@@ -29,3 +29,24 @@ SD3_ATTN2_TARGETS: tuple[str, ...] = (
     "attn2.to_v",
     "attn2.to_out.0",
 )
+
+# Flow-GRPO's FLUX.1 LoRA targets (yifan123/flow_grpo, scripts/train_flux.py; r=64,
+# alpha=128 there): the joint attention's q/k/v/out and context projections, plus both
+# MLPs of the 19 double-stream blocks. Matched as dotted suffixes, ``attn.to_q/k/v`` also
+# adapt the 38 single-stream blocks' attention (which has no ``to_out``: its output goes
+# through the block's ``proj_out``, which is not adapted); ``ff.*`` exist only in the
+# double-stream blocks.
+FLUX_TARGETS: tuple[str, ...] = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)

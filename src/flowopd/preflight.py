@@ -133,7 +133,9 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
     tokens = perf.image_tokens(arch, res, shape.vae_scale)
     plan.add(
         "model",
-        f"{path} (backend {m.backend}, {m.dtype}; {arch.num_layers} blocks, "
+        f"{path} (backend {m.backend}, {m.dtype}; {arch.num_layers}"
+        + (f" + {arch.num_single_layers} single" if getattr(arch, "num_single_layers", 0) else "")
+        + " blocks, "
         f"{perf.si(perf.transformer_params(arch))}params)",
     )
     where = "model.resolution" if m.resolution else "native, model.resolution=null"
@@ -503,7 +505,8 @@ def _plan_epoch(plan: RunPlan, cfg: Any) -> None:
         noise = "" if s.kind == "ode" else f", noise level {s.noise_level}"
         plan.add(
             "sampling",
-            f"{s.num_steps} {s.kind} steps{noise}{window}, CFG {cfg.model.guidance_scale}; "
+            f"{s.num_steps} {s.kind} steps{noise}{window}, "
+            f"{'guidance' if cfg.model.backend == 'flux' else 'CFG'} {cfg.model.guidance_scale}; "
             f"{per // s.batch_size} micro-batch(es) of {s.batch_size} per process",
         )
         trained = _trained(cfg)

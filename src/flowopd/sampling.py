@@ -1,6 +1,7 @@
 """Sampling with trajectories: ODE, Flow-GRPO SDE, CPS, and the windowed "Fast" variant.
 
-``sample`` runs the schedule of ``sde.timesteps`` with the model's velocity (CFG in one
+``sample`` runs the model's schedule (``model.schedule``: SD3's ``sde.timesteps``, FLUX's
+resolution-shifted one) with the model's velocity (CFG or guidance embedding in one
 forward) and records everything training needs: the state before every step, each
 step's log-prob, mean and std. "Denoising reduction" is just fewer steps here (10) than
 at evaluation (40).
@@ -161,7 +162,7 @@ def sample(
     if latents is None:
         latents = randn(shape)
     x = latents.to(model.device, torch.float32)
-    sigmas = sde.timesteps(num_steps, model.shift)
+    sigmas = model.schedule(num_steps, resolution)  # (num_steps + 1,) from 1 to 0
     sigma_max = float(sigmas[1]) if num_steps > 1 else 0.0
     lo, hi = (0, num_steps) if sde_window is None else sde_window
     stochastic = torch.tensor([kind != "ode" and lo <= i < hi for i in range(num_steps)])

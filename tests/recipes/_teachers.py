@@ -13,22 +13,29 @@ TASKS = ("geneval", "ocr")
 
 
 def make_teacher_loras(
-    model_dir: Path, root: Path, *, rank: int = 4, alpha: float = 8.0, std: float = 0.3
+    model_dir: Path,
+    root: Path,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    std: float = 0.3,
+    backend: str = "sd3",
 ) -> dict[str, Path]:
     """One randomised LoRA per task, saved like a GRPO run's OUT/lora: {task: dir}.
 
     Both A and B are drawn N(0, std^2) (a fresh LoRA has B = 0), so each teacher's
     velocity differs clearly from the base and from the other teacher.
     """
-    from flowopd.models.sd3 import SD3Model
+    from flowopd.models import load_model
 
-    model = SD3Model.from_pretrained(str(model_dir))
+    model = load_model(str(model_dir), backend=backend)
+    targets = SD3_LORA_TARGETS if backend == "sd3" else None  # None: the backend's default
     out = {}
     for i, task in enumerate(TASKS):
         name = f"t_{task}"
         with warnings.catch_warnings():  # peft warns about a second adapter on one model
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            model.add_adapter(name, rank=rank, alpha=alpha, target_modules=SD3_LORA_TARGETS)
+            model.add_adapter(name, rank=rank, alpha=alpha, target_modules=targets)
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for p in model.adapter_parameters(name):

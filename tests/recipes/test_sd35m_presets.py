@@ -1,11 +1,13 @@
-"""Every shipped configs/sd35m preset trains one epoch and evaluates, through the CLI.
+"""Every shipped configs/sd35m and configs/flux1dev preset trains one epoch and evaluates,
+through the CLI.
 
 The presets run as shipped except for what a test machine cannot have: ``model.path``
 points at a tiny SD3.5-M-shaped pipeline (dual-attention blocks, QK RMS-norm, three text
 encoders, patch 2, 16 latent channels), the data paths at a few lines of the published
 prompt files, the teachers / anchor / init at tiny LoRAs, the rewards' weights
 (``reward.options``) at tiny random detectors and CLIPs, and the sizes shrink to 2 prompts
-x 2 images, 16 px, one epoch with an evaluation after it.
+x 2 images, 16 px, one epoch with an evaluation after it. The flux1dev presets run the
+same way on a tiny FLUX pipeline (``model.backend: flux``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tests.conftest import REPO
 from tests.recipes import _sd35m as tiny
 
 PRESETS = sorted((REPO / "configs" / "sd35m").glob("*.yaml"))
+FLUX_PRESETS = sorted((REPO / "configs" / "flux1dev").glob("*.yaml"))
 ALGOS = ("grpo", "opd", "crd", "nft", "awm", "sft")
 
 
@@ -95,8 +98,34 @@ def _overrides(algo: str, cfg, world: dict, out: Path) -> list[str]:
     return ov
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny guidance-distilled FLUX pipeline directory (native 16 px)."""
+    from flowopd.models.flux import FluxModel
+    from flowopd.models.tiny_flux import build_tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("flux1dev") / "model"
+    FluxModel(
+        build_tiny_flux_pipeline(), max_sequence_length=4, native_resolution=16
+    ).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_trains_one_epoch_and_evaluates(preset, sd35m_world, tmp_path, capsys):
+    _run_preset(preset, sd35m_world, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("preset", FLUX_PRESETS, ids=[p.stem for p in FLUX_PRESETS])
+def test_flux1dev_preset_trains_one_epoch_and_evaluates(
+    preset, sd35m_world, tiny_flux_dir, tmp_path, capsys
+):
+    _run_preset(preset, {**sd35m_world, "model": tiny_flux_dir}, tmp_path, capsys)
+    assert "backend: flux" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def _run_preset(preset: Path, world: dict, tmp_path: Path, capsys) -> None:
+    """Train ``preset`` one epoch on ``world``'s tiny model / data and check its eval."""
     from flowopd.cli.train import ALGOS as RECIPES
     from flowopd.cli.train import _load
     from flowopd.config import load_config
@@ -107,7 +136,7 @@ def test_preset_trains_one_epoch_and_evaluates(preset, sd35m_world, tmp_path, ca
     assert algo in ALGOS, f"{preset.name}: name a preset after its algorithm (grpo_*.yaml, ...)"
     cfg = load_config(_load(RECIPES[algo][0]), preset, validate=False)
     out = tmp_path / "run"
-    args = ["train", algo, "--config", str(preset), *_overrides(algo, cfg, sd35m_world, out)]
+    args = ["train", algo, "--config", str(preset), *_overrides(algo, cfg, world, out)]
     rc = main(args)
     assert rc == 0, capsys.readouterr().err[-2000:]
 
@@ -115,7 +144,7 @@ def test_preset_trains_one_epoch_and_evaluates(preset, sd35m_world, tmp_path, ca
     assert [r["epoch"] for r in log] == [0]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     names = [b.partition("=")[0] for b in cfg.eval.benchmarks]
-    assert sorted(metrics) == sorted(f"{n}={sd35m_world['tests'][n]}" for n in names)
+    assert sorted(metrics) == sorted(f"{n}={world['tests'][n]}" for n in names)
     for name, values in metrics.items():
         assert math.isfinite(values["overall"])
         if name.startswith(("geneval", "ocr")):  # accuracies (PickScore is a raw logit)

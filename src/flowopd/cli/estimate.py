@@ -98,13 +98,9 @@ def check_device_args(args: argparse.Namespace) -> None:
 def estimate_for(algo: str, cfg, gpu: str, gpus: int, mfu: float | None, architecture=None):
     """``perf.estimate_run`` of ``algo``'s config; ``architecture`` (arch, shape) when
     already read (``flowopd check``), else from model.path."""
-    from flowopd.perf import estimate_run, reference_rows
+    from flowopd.perf import estimate_run
 
     arch, shape = architecture or (None, None)
     est = estimate_run(cfg, gpu, gpus, mfu=mfu, arch=arch, shape=shape)
-    base, adapters = reference_rows(cfg, 2 if cfg.model.guidance_scale > 1.0 else 1)
-    est.notes.append(
-        f"'{algo}': per trained row and step, policy forward + backward, {base} base and "
-        f"{adapters} adapter forward(s) without autograd (KL reference, snapshots, teachers)"
-    )
+    est.notes.insert(0, f"'{algo}': {est.notes.pop(0)}")
     return est

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from flowopd.errors import UserError, unknown
-from flowopd.lora_targets import SD3_ATTN2_TARGETS, SD3_TARGETS
+from flowopd.lora_targets import FLUX_TARGETS, SD3_ATTN2_TARGETS, SD3_TARGETS
 
 __all__ = [
     "LoRAConfig",
@@ -82,7 +82,9 @@ class LoRAConfig:
         "Flow-GRPO's, the joint attention's q/k/v/out and context projections "
         f"({', '.join(SD3_TARGETS)}), not attn2 of SD3.5-M's dual-attention blocks "
         "(18.8 M parameters at rank 32 on SD3.5-M). To adapt attn2 too, add "
-        f"{', '.join(SD3_ATTN2_TARGETS)} (23.9 M).",
+        f"{', '.join(SD3_ATTN2_TARGETS)} (23.9 M). With model.backend=flux this default "
+        "becomes Flow-GRPO's FLUX list: the same attention names plus both MLPs of the "
+        "double-stream blocks (" + ", ".join(FLUX_TARGETS[8:]) + ").",
         factory=lambda: list(SD3_LORA_TARGETS),
     )
     init: Literal["gaussian", "default"] = help_field(
@@ -109,7 +111,12 @@ class ModelConfig:
         "'embedded' (the shipped model). Required.",
         "",
     )
-    backend: str = help_field("Model backend (one file in flowopd/models).", "sd3")
+    backend: str = help_field(
+        "Model backend (one file in flowopd/models): 'sd3' (SD3 / SD3.5) or 'flux' (FLUX.1 "
+        "dev / schnell; the guidance scale is FLUX.1-dev's distilled guidance embedding, one "
+        "forward per step, no CFG pair).",
+        "sd3",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = help_field(
         "Dtype of the frozen base weights and of autocast; LoRA weights and the SDE math "
         "stay float32.",
@@ -179,6 +186,9 @@ class ModelConfig:
             )
         if self.guidance_scale < 0:
             raise UserError(f"model.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.backend == "flux" and list(self.lora.target_modules) == SD3_LORA_TARGETS:
+            # the field's default is SD3's list; FLUX's default is Flow-GRPO's FLUX list
+            self.lora.target_modules = list(FLUX_TARGETS)
 
 
 @dataclass

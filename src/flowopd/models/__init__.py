@@ -7,7 +7,7 @@ from typing import Any
 from flowopd.errors import unknown
 from flowopd.models.base import BASE, Cond, FlowModel
 
-BACKENDS = {"sd3": "flowopd.models.sd3:SD3Model"}
+BACKENDS = {"sd3": "flowopd.models.sd3:SD3Model", "flux": "flowopd.models.flux:FluxModel"}
 
 
 def load_model(path: str, backend: str = "sd3", **kwargs: Any) -> FlowModel:

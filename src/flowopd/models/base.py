@@ -1,9 +1,10 @@
 """The one model protocol every algorithm talks to.
 
-A ``FlowModel`` hides everything backend-specific (diffusers SD3 today; FLUX, SANA, ...
-later, one file each): prompt encoding, the velocity with classifier-free guidance in one
-batched forward, decoding latents to images, and named LoRA adapters through peft,
-including per-sample adapter routing in one forward.
+A ``FlowModel`` hides everything backend-specific (diffusers SD3 and FLUX today; SANA,
+... later, one file each): prompt encoding, the velocity with guidance (SD3: classifier-free
+guidance in one batched forward; FLUX.1-dev: the distilled guidance embedding in a single
+forward), the sampling schedule, decoding latents to images, and named LoRA adapters
+through peft, including per-sample adapter routing in one forward.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class FlowModel(Protocol):
         """Make ``resolution`` px the default of sampling; None = the model's native side."""
         ...
 
+    def schedule(self, num_steps: int, resolution: int | None = None) -> Tensor:
+        """(num_steps + 1,) float32 sigmas from 1 down to 0: the model's stock pipeline's
+        inference schedule at ``resolution`` px (None: ``default_resolution``)."""
+        ...
+
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """Text embeddings for a list of prompts (no grad)."""
         ...
@@ -97,7 +103,9 @@ class FlowModel(Protocol):
         adapters: Sequence[str] | None = None,
         cfg_grad: str = "both",
     ) -> Tensor:
-        """Velocity v(x, sigma | cond), CFG-combined ``v_u + w (v_c - v_u)`` in one forward.
+        """Velocity v(x, sigma | cond) at guidance ``w``: CFG-combined ``v_u + w (v_c - v_u)``
+        in one forward (SD3), or one forward with ``w`` as the guidance embedding of a
+        guidance-distilled model (FLUX.1-dev; ``cfg_grad`` has no effect there).
 
         x: (B, C, h, w); returns (B, C, h, w) float32. ``adapters`` routes each sample
         through its own LoRA adapter (``BASE`` for none) in the same forward.

@@ -1,4 +1,4 @@
-"""FLOPs, memory and time of an MMDiT (SD3 / SD3.5) run, counted from the architecture.
+"""FLOPs, memory and time of an MMDiT (SD3 / SD3.5) or FLUX.1 run, counted from the architecture.
 
 Modules: ``flops`` (architectures, per-op FLOPs), ``memory`` (parameters, bytes),
 ``device`` (peaks, MFU), ``estimate`` (a run config's estimate); every public name is
@@ -54,16 +54,22 @@ from flowopd.perf.estimate import (
     si,
 )
 from flowopd.perf.flops import (
+    FLUX1_DEV,
+    FLUX1_SCHNELL,
+    FLUX_PIPELINE,
     KNOWN_ARCHS,
     SD3_PIPELINE,
     SD3_VAE_CONFIG,
     SD35_LARGE,
     SD35_MEDIUM,
+    Arch,
     Attention,
+    FluxArch,
     Linear,
     MMDiTArch,
     PipelineShape,
     TrainFlops,
+    flux_ops,
     forward_flops,
     image_tokens,
     is_lora_target,
@@ -78,6 +84,7 @@ from flowopd.perf.memory import (
     ACT_PER_TOKEN,
     ACT_PER_TOKEN_DUAL,
     ACT_PER_TOKEN_LAST_TEXT,
+    ACT_PER_TOKEN_SINGLE,
     RUNTIME_OVERHEAD_BYTES,
     GiB,
     activation_bytes,
@@ -91,6 +98,12 @@ __all__ = [
     "ACT_PER_TOKEN",
     "ACT_PER_TOKEN_DUAL",
     "ACT_PER_TOKEN_LAST_TEXT",
+    "ACT_PER_TOKEN_SINGLE",
+    "Arch",
+    "FLUX1_DEV",
+    "FLUX1_SCHNELL",
+    "FLUX_PIPELINE",
+    "FluxArch",
     "Attention",
     "DEFAULT_MFU",
     "DEVICES",
@@ -116,6 +129,7 @@ __all__ = [
     "dtype_bytes",
     "estimate_run",
     "format_estimate",
+    "flux_ops",
     "forward_flops",
     "gpu_peak_for_name",
     "image_tokens",

@@ -5,12 +5,13 @@ The FLOP convention is in the docstring of :mod:`flowopd.perf`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from flowopd.perf.device import DEVICES, cpu_matmul_tflops, default_mfu
 from flowopd.perf.flops import (
-    MMDiTArch,
+    Arch,
+    FluxArch,
     PipelineShape,
     forward_flops,
     image_tokens,
@@ -139,7 +140,7 @@ class RunInputs:
         # clean sample at their time grid's times_used times
         times = training_times_of(cfg)
         trained = times.times_used if times else getattr(cfg, "trained_steps", 0)
-        base_rows, adapter_rows = reference_rows(cfg, cfg_rows)
+        base_rows, adapter_rows = reference_rows(cfg)
         return cls(
             model=resolve_model_path(m.path),
             dtype=_dtype_key(m.dtype),
@@ -165,24 +166,29 @@ class RunInputs:
         )
 
 
-def reference_rows(cfg: Any, rows: int) -> tuple[int, int]:
+def reference_rows(cfg: Any, cfg_pairs: bool = True) -> tuple[int, int]:
     """(base, adapter) forward rows without autograd per trained row and time, by method.
 
-    ``rows`` = the policy's CFG rows (2 under CFG). GRPO: the KL reference (base) when
+    Each forward at a guidance scale w > 1 is a CFG pair (2 rows) when ``cfg_pairs``, else
+    1 row (FLUX: guidance is an embedding). GRPO: the KL reference (base) when
     ``grpo.beta_kl > 0``. OPD: the routed teachers (adapters), plus the MAR anchor when
     ``opd.mar_lambda > 0`` (the base, or an adapter when ``opd.anchor`` names one). CRD:
     the old snapshot, plus the base at ``crd.anchor_guidance_scale`` under the KL anchor.
     NFT: the old snapshot, plus the base when ``nft.kl_beta > 0``. AWM: the base when
     ``awm.kl_beta > 0`` and the EMA snapshot when ``awm.ema_kl_beta > 0``.
     """
+
+    def at(w: float) -> int:
+        return 2 if cfg_pairs and w > 1.0 else 1
+
+    rows = at(cfg.model.guidance_scale)
     if (g := getattr(cfg, "grpo", None)) is not None:
         return (rows if g.beta_kl > 0 else 0), 0
     if (o := getattr(cfg, "opd", None)) is not None:
         mar = rows if o.mar_lambda > 0 else 0
         return (0, rows + mar) if o.anchor else (mar, rows)
     if (c := getattr(cfg, "crd", None)) is not None:
-        anchor = (2 if c.anchor_guidance_scale > 1.0 else 1) if c.kl_anchor else 0
-        return anchor, rows
+        return (at(c.anchor_guidance_scale) if c.kl_anchor else 0), rows
     if (n := getattr(cfg, "nft", None)) is not None:
         return (rows if n.kl_beta > 0 else 0), rows
     if (a := getattr(cfg, "awm", None)) is not None:
@@ -213,7 +219,7 @@ def _device_rate(
 
 
 def _epoch_flops(
-    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, prompts: int
+    run: RunInputs, arch: Arch, shape: PipelineShape, res: int, prompts: int
 ) -> dict[str, int]:
     """Per-row and per-epoch FLOPs of one process (the ``flops`` of a RunEstimate).
 
@@ -262,7 +268,7 @@ def _scoring_seconds(run: RunInputs, images: int, device: str, notes: list[str])
 
 
 def _memory(
-    run: RunInputs, arch: MMDiTArch, shape: PipelineShape, res: int, images: int, device: str
+    run: RunInputs, arch: Arch, shape: PipelineShape, res: int, images: int, device: str
 ) -> dict[str, int]:
     """Bytes per process by component, and ``peak`` (see :func:`estimate_run`)."""
     db = dtype_bytes(run.dtype)
@@ -318,7 +324,7 @@ def estimate_run(
     gpus: int = 1,
     *,
     mfu: float | None = None,
-    arch: MMDiTArch | None = None,
+    arch: Arch | None = None,
     shape: PipelineShape | None = None,
     cpu_tflops: float | None = None,
 ) -> RunEstimate:
@@ -333,8 +339,8 @@ def estimate_run(
         training = inner_epochs x images x trained_steps
                    x (rows x F_train + base_rows x F_base + adapter_rows x F_fwd) / R
 
-    with rows = 2 under CFG, trained_steps the recorded steps (GRPO, OPD) or the time
-    grid's times_used (CRD, NFT, AWM), base_rows / adapter_rows the method's frozen
+    with rows = 2 under CFG (1 for FLUX: guidance embedding, no CFG pair), trained_steps
+    the recorded steps (GRPO, OPD) or the time grid's times_used (CRD, NFT, AWM), base_rows / adapter_rows the method's frozen
     forwards (``reference_rows``: KL reference, old / EMA snapshots, teachers, anchor),
     R = peak x mfu (CPU: a GEMM measured now x mfu; mfu None = ``default_mfu(device)``,
     measured on an H100 for GPUs). Memory: frozen weights in the model
@@ -349,6 +355,16 @@ def estimate_run(
         arch, shape = load_architecture(run.model)
     res = run.resolution or arch.sample_size * shape.vae_scale
     notes: list[str] = []
+    if isinstance(arch, FluxArch):
+        # FLUX: the guidance scale is an embedding (dev) or unused (schnell); no CFG pair
+        base_rows, adapter_rows = reference_rows(cfg, cfg_pairs=False)
+        run = replace(run, cfg_rows=1, grad_rows=1, base_rows=base_rows, adapter_rows=adapter_rows)
+        notes.append("FLUX: guidance is an embedding of the one forward per step (1 row/image)")
+    notes.insert(0, (
+        f"per trained row and step: policy forward + backward, {run.base_rows} base and "
+        f"{run.adapter_rows} adapter forward row(s) without autograd (KL reference, "
+        "snapshots, teachers, anchor)"
+    ))  # fmt: skip
     peak, device_name, mem_cap = _device_rate(device, run.dtype, cpu_tflops, notes)
     if mfu is None:
         mfu = default_mfu(device)

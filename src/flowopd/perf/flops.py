@@ -56,6 +56,57 @@ class MMDiTArch:
         return cfg
 
 
+@dataclass(frozen=True)
+class FluxArch:
+    """The fields of diffusers' ``FluxTransformer2DModel`` config that set its cost.
+
+    In flowopd's latent terms: ``in_channels`` are the VAE's latent channels (16; the
+    transformer's own ``in_channels`` 64 are these x the 2x2 packing) and ``patch_size``
+    is that packing (2; the transformer config says 1), so ``image_tokens`` and the latent
+    shape follow the same formulas as SD3's. ``sample_size``: the default latent side
+    (FluxPipeline's 128, 1024 px). RoPE positions: no positional table.
+    """
+
+    num_layers: int = 19  # double-stream (MMDiT) blocks
+    num_single_layers: int = 38  # single-stream (parallel attention + MLP) blocks
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    patch_size: int = 2
+    sample_size: int = 128
+    joint_attention_dim: int = 4096  # T5-XXL width
+    pooled_projection_dim: int = 768  # CLIP-L pooled width
+    guidance_embeds: bool = True  # FLUX.1-dev: guidance-distilled (no CFG pair)
+    pos_embed_max_size: int = 0
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = "rms_norm"
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], sample_size: int = 128) -> FluxArch:
+        """From a diffusers ``FluxTransformer2DModel`` config dict (2x2 packing undone)."""
+        return cls(
+            num_layers=int(cfg.get("num_layers", 19)),
+            num_single_layers=int(cfg.get("num_single_layers", 38)),
+            num_attention_heads=int(cfg.get("num_attention_heads", 24)),
+            attention_head_dim=int(cfg.get("attention_head_dim", 128)),
+            in_channels=int(cfg.get("in_channels", 64)) // 4,
+            sample_size=sample_size,
+            joint_attention_dim=int(cfg.get("joint_attention_dim", 4096)),
+            pooled_projection_dim=int(cfg.get("pooled_projection_dim", 768)),
+            guidance_embeds=bool(cfg.get("guidance_embeds", False)),
+        )
+
+
+Arch = MMDiTArch | FluxArch
+
 # Published transformer configs (huggingface.co/<id>/blob/main/transformer/config.json).
 # SD3.5-Medium: MMDiT-X, dual (image self-)attention in blocks 0..12, 2.24B parameters
 # plus a 384 x 384 x 1536 positional-embedding buffer; SD3.5-Large: 38 blocks of width 2432.
@@ -68,10 +119,18 @@ SD35_LARGE = MMDiTArch(
     pos_embed_max_size=192, qk_norm="rms_norm",
 )  # fmt: skip
 
-KNOWN_ARCHS: dict[str, MMDiTArch] = {
+# FLUX.1-dev: 19 double + 38 single blocks of width 3072 (24 x 128), T5 4096 / CLIP 768,
+# 16-channel latents packed 2x2, guidance embedding: 11,901,408,320 parameters (schnell,
+# no guidance embedder: 11,891,178,560).
+FLUX1_DEV = FluxArch()
+FLUX1_SCHNELL = FluxArch(guidance_embeds=False)
+
+KNOWN_ARCHS: dict[str, Arch] = {
     "stabilityai/stable-diffusion-3.5-medium": SD35_MEDIUM,
     "stabilityai/stable-diffusion-3.5-large": SD35_LARGE,
     "stabilityai/stable-diffusion-3.5-large-turbo": SD35_LARGE,
+    "black-forest-labs/FLUX.1-dev": FLUX1_DEV,
+    "black-forest-labs/FLUX.1-schnell": FLUX1_SCHNELL,
 }
 
 
@@ -120,6 +179,20 @@ SD3_PIPELINE = PipelineShape(
 )
 
 
+# FLUX.1 side models: CLIP-L text tower without projection (123,060,480; only its pooled
+# output is used) + T5-XXL encoder (4,762,310,656); the VAE has SD3's architecture (16
+# latent channels, no quant convs; scaling 0.3611, shift 0.1159). Text tokens: T5's only
+# (512, FluxPipeline's max_sequence_length); CLIP contributes no sequence.
+FLUX_PIPELINE = PipelineShape(
+    clip_tokens=0,
+    t5_tokens=512,
+    vae_scale=8,
+    text_encoder_params=123_060_480 + 4_762_310_656,
+    vae_params=83_819_683,
+    vae_config=SD3_VAE_CONFIG,
+)
+
+
 def _safetensors_params(folder: Path) -> int:
     """Parameter count of every ``*.safetensors`` in ``folder`` from their JSON headers
     (8-byte little-endian length, then {name: {dtype, shape, ...}}); no tensor is read."""
@@ -158,7 +231,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_architecture(
     path: str, max_sequence_length: int | None = None
-) -> tuple[MMDiTArch, PipelineShape]:
+) -> tuple[Arch, PipelineShape]:
     """Architecture of a model without loading it: a local diffusers pipeline directory
     (reads ``transformer/config.json``, tokenizer/VAE configs, safetensors headers) or a
     known hub id (``KNOWN_ARCHS``, nothing downloaded)."""
@@ -171,8 +244,11 @@ def load_architecture(
             raise UserError(
                 f"'{path}' has no transformer/config.json; pass a diffusers SD3 pipeline directory"
             )
+        tconfig = _read_json(tcfg)
+        if str(tconfig.get("_class_name", "")).startswith("Flux"):
+            return _local_flux(local, tconfig, max_sequence_length)
         try:
-            arch = MMDiTArch.from_config(_read_json(tcfg))
+            arch = MMDiTArch.from_config(tconfig)
         except TypeError as e:  # a required field (num_layers, ...) is missing
             raise UserError(
                 f"'{tcfg}' is not an SD3 transformer config ({e}); pass an SD3/SD3.5 pipeline"
@@ -192,7 +268,7 @@ def load_architecture(
         vae = _safetensors_params(local / "vae") if vae_cfg else 0
         return arch, PipelineShape(clip, msl, scale, te, vae, vae_cfg)
     if path in KNOWN_ARCHS:
-        shape = SD3_PIPELINE
+        shape = FLUX_PIPELINE if isinstance(KNOWN_ARCHS[path], FluxArch) else SD3_PIPELINE
         if max_sequence_length is not None:
             shape = PipelineShape(**{**asdict(shape), "t5_tokens": max_sequence_length})
         return KNOWN_ARCHS[path], shape
@@ -202,7 +278,25 @@ def load_architecture(
     )
 
 
-def image_tokens(arch: MMDiTArch, resolution: int, vae_scale: int = 8) -> int:
+def _local_flux(
+    local: Path, tconfig: dict[str, Any], max_sequence_length: int | None
+) -> tuple[FluxArch, PipelineShape]:
+    """A local FluxPipeline directory: T5 tokens and the native side from flowopd.json
+    (else FluxPipeline's 512 tokens and 1024 px), side-model sizes from the headers."""
+    meta_path = local / "flowopd.json"
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    vae_cfg_path = local / "vae" / "config.json"
+    vae_cfg = _read_json(vae_cfg_path) if vae_cfg_path.is_file() else None
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
+    native = int(meta.get("native_resolution") or 128 * scale)
+    arch = FluxArch.from_config(tconfig, sample_size=native // scale)
+    msl = max_sequence_length or int(meta.get("max_sequence_length", 512))
+    te = sum(_safetensors_params(local / f"text_encoder{s}") for s in ("", "_2"))
+    vae = _safetensors_params(local / "vae") if vae_cfg else 0
+    return arch, PipelineShape(0, msl, scale, te, vae, vae_cfg)
+
+
+def image_tokens(arch: Arch, resolution: int, vae_scale: int = 8) -> int:
     """Image tokens per row: (H / vae_scale / patch)^2, e.g. 512 px -> (512/8/2)^2 = 1024."""
     side = resolution // vae_scale // arch.patch_size
     return side * side
@@ -248,7 +342,36 @@ class Attention:
         return 4 * self.q_len * self.kv_len * self.width
 
 
-def mmdit_ops(arch: MMDiTArch, n_img: int, n_txt: int) -> list[Linear | Attention]:
+def _joint_block(
+    b: str, d: int, n_img: int, n_txt: int, *, last: bool, dual: bool
+) -> list[Linear | Attention]:
+    """The matmuls of one joint-attention (MMDiT / FLUX double-stream) block ``b``."""
+    ops: list[Linear | Attention] = [
+        Linear(f"{b}.norm1.linear", 1, d, (9 if dual else 6) * d),
+        Linear(f"{b}.norm1_context.linear", 1, d, (2 if last else 6) * d),
+    ]
+    for proj in ("to_q", "to_k", "to_v"):
+        ops.append(Linear(f"{b}.attn.{proj}", n_img, d, d))
+    for proj in ("add_q_proj", "add_k_proj", "add_v_proj"):
+        ops.append(Linear(f"{b}.attn.{proj}", n_txt, d, d))
+    ops.append(Attention(f"{b}.attn", n_img + n_txt, n_img + n_txt, d))
+    if not last:
+        ops.append(Linear(f"{b}.attn.to_add_out", n_txt, d, d))
+    ops.append(Linear(f"{b}.attn.to_out.0", n_img, d, d))
+    if dual:
+        for proj in ("to_q", "to_k", "to_v"):
+            ops.append(Linear(f"{b}.attn2.{proj}", n_img, d, d))
+        ops.append(Attention(f"{b}.attn2", n_img, n_img, d))
+        ops.append(Linear(f"{b}.attn2.to_out.0", n_img, d, d))
+    ops.append(Linear(f"{b}.ff.net.0.proj", n_img, d, 4 * d))
+    ops.append(Linear(f"{b}.ff.net.2", n_img, 4 * d, d))
+    if not last:
+        ops.append(Linear(f"{b}.ff_context.net.0.proj", n_txt, d, 4 * d))
+        ops.append(Linear(f"{b}.ff_context.net.2", n_txt, 4 * d, d))
+    return ops
+
+
+def mmdit_ops(arch: Arch, n_img: int, n_txt: int) -> list[Linear | Attention]:
     """Every matmul of one forward of one row, in execution order.
 
     n_img image tokens, n_txt text tokens, d = arch.dim, N = n_img + n_txt. Per block:
@@ -256,8 +379,10 @@ def mmdit_ops(arch: MMDiTArch, n_img: int, n_txt: int) -> list[Linear | Attentio
     last block), image q/k/v/out and text q/k/v(/out) projections, joint attention over
     N tokens, in dual blocks a second image-only attention (q/k/v/out + n_img^2), and the
     4d-wide GELU MLPs of both streams (the last block has no text out-projection or MLP:
-    its text stream is only read as keys and values).
+    its text stream is only read as keys and values). FLUX: ``flux_ops``.
     """
+    if isinstance(arch, FluxArch):
+        return flux_ops(arch, n_img, n_txt)
     d, L = arch.dim, arch.num_layers
     p2 = arch.patch_size**2
     ops: list[Linear | Attention] = [
@@ -269,30 +394,49 @@ def mmdit_ops(arch: MMDiTArch, n_img: int, n_txt: int) -> list[Linear | Attentio
         Linear("context_embedder", n_txt, arch.joint_attention_dim, arch.caption_projection_dim),
     ]
     for i in range(L):
-        b = f"transformer_blocks.{i}"
-        last, dual = i == L - 1, i in arch.dual_attention_layers
-        ops.append(Linear(f"{b}.norm1.linear", 1, d, (9 if dual else 6) * d))
-        ops.append(Linear(f"{b}.norm1_context.linear", 1, d, (2 if last else 6) * d))
-        for proj in ("to_q", "to_k", "to_v"):
-            ops.append(Linear(f"{b}.attn.{proj}", n_img, d, d))
-        for proj in ("add_q_proj", "add_k_proj", "add_v_proj"):
-            ops.append(Linear(f"{b}.attn.{proj}", n_txt, d, d))
-        ops.append(Attention(f"{b}.attn", n_img + n_txt, n_img + n_txt, d))
-        if not last:
-            ops.append(Linear(f"{b}.attn.to_add_out", n_txt, d, d))
-        ops.append(Linear(f"{b}.attn.to_out.0", n_img, d, d))
-        if dual:
-            for proj in ("to_q", "to_k", "to_v"):
-                ops.append(Linear(f"{b}.attn2.{proj}", n_img, d, d))
-            ops.append(Attention(f"{b}.attn2", n_img, n_img, d))
-            ops.append(Linear(f"{b}.attn2.to_out.0", n_img, d, d))
-        ops.append(Linear(f"{b}.ff.net.0.proj", n_img, d, 4 * d))
-        ops.append(Linear(f"{b}.ff.net.2", n_img, 4 * d, d))
-        if not last:
-            ops.append(Linear(f"{b}.ff_context.net.0.proj", n_txt, d, 4 * d))
-            ops.append(Linear(f"{b}.ff_context.net.2", n_txt, 4 * d, d))
+        dual = i in arch.dual_attention_layers
+        ops += _joint_block(f"transformer_blocks.{i}", d, n_img, n_txt, last=i == L - 1, dual=dual)
     ops.append(Linear("norm_out.linear", 1, d, 2 * d))
     ops.append(Linear("proj_out", n_img, d, p2 * arch.out_channels))
+    return ops
+
+
+def flux_ops(arch: FluxArch, n_img: int, n_txt: int) -> list[Linear | Attention]:
+    """Every matmul of one FLUX forward of one row, in execution order.
+
+    Embedders (packed latents 4C -> d, timestep, guidance when distilled, pooled CLIP,
+    T5 tokens -> d); ``num_layers`` double-stream blocks (SD3's joint block, every one
+    with its text out-projection and MLP); ``num_single_layers`` single-stream blocks over
+    the N = n_img + n_txt concatenated tokens: adaLN d -> 3d, q/k/v d -> d, attention,
+    proj_mlp d -> 4d and proj_out (d + 4d) -> d (attention output and GELU(MLP) fused);
+    norm_out and proj_out d -> 4C on the image tokens.
+    """
+    d, n = arch.dim, n_img + n_txt
+    pack = arch.in_channels * arch.patch_size**2
+    ops: list[Linear | Attention] = [
+        Linear("x_embedder", n_img, pack, d),
+        Linear("time_text_embed.timestep_embedder.linear_1", 1, 256, d),
+        Linear("time_text_embed.timestep_embedder.linear_2", 1, d, d),
+    ]
+    if arch.guidance_embeds:
+        ops.append(Linear("time_text_embed.guidance_embedder.linear_1", 1, 256, d))
+        ops.append(Linear("time_text_embed.guidance_embedder.linear_2", 1, d, d))
+    ops += [
+        Linear("time_text_embed.text_embedder.linear_1", 1, arch.pooled_projection_dim, d),
+        Linear("time_text_embed.text_embedder.linear_2", 1, d, d),
+        Linear("context_embedder", n_txt, arch.joint_attention_dim, d),
+    ]
+    for i in range(arch.num_layers):
+        ops += _joint_block(f"transformer_blocks.{i}", d, n_img, n_txt, last=False, dual=False)
+    for i in range(arch.num_single_layers):
+        b = f"single_transformer_blocks.{i}"
+        ops.append(Linear(f"{b}.norm.linear", 1, d, 3 * d))
+        ops += [Linear(f"{b}.attn.{p}", n, d, d) for p in ("to_q", "to_k", "to_v")]
+        ops.append(Attention(f"{b}.attn", n, n, d))
+        ops.append(Linear(f"{b}.proj_mlp", n, d, 4 * d))
+        ops.append(Linear(f"{b}.proj_out", n, 5 * d, d))
+    ops.append(Linear("norm_out.linear", 1, d, 2 * d))
+    ops.append(Linear("proj_out", n_img, d, pack))
     return ops
 
 
@@ -331,6 +475,13 @@ def mark_gradients(
             continue
         lora = is_lora_target(name, targets)
         part = name.split(".")
+        if name.startswith("single_transformer_blocks."):  # FLUX: one joint stream
+            grad, img, ff_hidden = _single_block_grad(
+                ".".join(part[2:]), lora, img or txt, ff_hidden, attn_grad, pending
+            )
+            txt = img
+            out.append(_with_grad(op, grad))
+            continue
         if not name.startswith("transformer_blocks."):
             grad = name == "proj_out" and img
             out.append(_with_grad(op, grad))
@@ -378,12 +529,31 @@ def mark_gradients(
     return out
 
 
+def _single_block_grad(
+    kind: str, lora: bool, stream: bool, hidden: bool, attn_grad: bool, pending: dict[str, bool]
+) -> tuple[bool, bool, bool]:
+    """One linear of a FLUX single-stream block: (its input needs a gradient, the joint
+    stream depends on a LoRA weight after it, the MLP hidden layer does). q/k/v and
+    proj_mlp read the normalised stream; proj_out reads [attention output, GELU(MLP)]
+    and adds to the stream; the adaLN linear needs none. Updates ``pending['attn']``."""
+    if kind == "norm.linear":  # first op of a block
+        pending.clear()
+        return False, stream, hidden
+    if kind == "proj_mlp":
+        return stream, stream, stream or lora
+    if kind == "proj_out":
+        grad = attn_grad or hidden
+        return grad, stream or grad or lora, hidden
+    pending["attn"] = pending.get("attn", False) or stream or lora  # attn.to_q/k/v
+    return stream, stream, hidden
+
+
 def _with_grad(op: Linear, grad: bool) -> Linear:
     return Linear(op.name, op.m, op.k, op.n, op.bias, grad)
 
 
 def forward_flops(
-    arch: MMDiTArch,
+    arch: Arch,
     n_img: int,
     n_txt: int,
     *,
@@ -426,7 +596,7 @@ class TrainFlops:
 
 
 def train_step_flops(
-    arch: MMDiTArch,
+    arch: Arch,
     n_img: int,
     n_txt: int,
     *,
@@ -449,7 +619,7 @@ def train_step_flops(
     bwd = recompute = attn_recompute = 0
     r = lora_rank
     for op in ops:
-        in_block = op.name.startswith("transformer_blocks.")
+        in_block = op.name.startswith(("transformer_blocks.", "single_transformer_blocks."))
         if isinstance(op, Attention):
             bwd += 2 * op.flops if op.backward else 0
             attn_recompute += op.flops // 2 if op.backward else 0
