@@ -67,6 +67,7 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     claims = json.loads((out / "report" / "claims.json").read_text())
     assert len(claims) == 8 and {c["passed"] for c in claims} <= {True, False, None}
     assert "(needs >= +0.15)" in claims[0]["detail"]  # the config's claims.gain
+    assert "(needs >= +0.15)" in proc.stdout  # printed with the same bars
     assert claims[-1] == {"name": "MAR raises quality", "passed": None,
                           "detail": "no MAR-off row (mar_ablation=true)"}  # fmt: skip
     assert "[n/a ] MAR raises quality" in html and "claims:" in proc.stdout

@@ -17,6 +17,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from dataclasses import asdict
 
     from flowopd.config import load_config
     from flowopd.config.pipeline import PipelineConfig
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             txt = "-" if v is None else f"{v:.3f}" if e is None else f"{v:.3f} +- {e:.3f}"
             cells.append(f"{txt:>18}")
         print(f"{r['model']:<22}" + "".join(cells))
-    print("\nclaims:\n" + "\n".join(c.line() for c in check_claims(rows, cfg.eval.benchmarks)))
+    claims = check_claims(rows, cfg.eval.benchmarks, **asdict(cfg.claims))
+    print("\nclaims:\n" + "\n".join(c.line() for c in claims))
     print(f"\nreport: {cfg.out}/report/index.html  ({(time.time() - t0) / 60:.1f} min)")
     return 0
