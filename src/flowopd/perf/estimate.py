@@ -343,6 +343,11 @@ def _memory(
 def _memory_notes(
     run: RunInputs, mem: dict[str, int], device: str, mem_cap: float | None, notes: list[str]
 ) -> None:
+    if run.full:
+        notes.append(
+            "model.finetune=full: float32 weights, grads and AdamW states sharded over the "
+            "processes with FSDP; the KL reference is a frozen sharded copy"
+        )
     if mem_cap is not None and mem["peak"] > mem_cap * GiB:
         notes.append(
             f"estimated peak {mem['peak'] / GiB:.1f} GiB exceeds the {mem_cap:.0f} GiB of a "
@@ -417,11 +422,6 @@ def estimate_run(
     flops = _epoch_flops(run, arch, shape, res, prompts)
     score_s = _scoring_seconds(run, images, device, notes)
     mem = _memory(run, arch, shape, res, images, device, gpus)
-    if run.full:
-        notes.append(
-            f"model.finetune=full: weights, grads and AdamW states (float32) sharded over "
-            f"{gpus} process(es) with FSDP; the KL reference is a frozen sharded copy"
-        )
     _memory_notes(run, mem, device, mem_cap, notes)
     return RunEstimate(
         model=run.model,
