@@ -248,3 +248,27 @@ def test_tiny_flux_counts_match_torch_and_peft():
         lambda: m.velocity(x, 0.5, cond, guidance_scale=3.5).sum().backward()
     )
     assert train == perf.train_step_flops(arch, n_img, n_txt, **lora).hardware
+
+
+def test_full_finetune_shards_the_trained_state_over_processes(capsys, tmp_path):
+    # model.finetune=full: float32 weights + grads + AdamW + EMA (20 B/param) and the
+    # frozen bf16 reference, divided over the FSDP processes (~1/N per process)
+    args = ["--config", SD35M, "model.finetune=full", "--gpu", "h100"]
+    est = {n: _estimate(capsys, tmp_path, *args, "--gpus", str(n)) for n in (1, 2, 8)}
+    text = est[8][1]
+    assert "memory per process:" in text and "trained state shard" in text
+    n = est[1][0]["params"]
+    shard = {g: e["memory"]["trained state shard"] for g, (e, _) in est.items()}
+    assert shard[1] == pytest.approx(20 * n, rel=0.05)  # + the unsharded position buffer
+    for g in (2, 8):
+        assert shard[g] == pytest.approx(shard[1] / g, rel=0.15)
+        ref = est[g][0]["memory"]["reference shard"]
+        assert ref < est[1][0]["memory"]["reference shard"]
+    assert est[8][0]["memory"]["peak"] < est[1][0]["memory"]["peak"]
+    assert "lora+grads+adamw+ema" not in est[8][0]["memory"]
+    # no KL term: no frozen copy
+    e0, _ = _estimate(capsys, tmp_path, *args, "--gpus", "8", "grpo.beta_kl=0")
+    assert e0["memory"]["reference shard"] == 0
+    # full fine-tuning also computes the weight gradients: a dearer training step
+    lora, _ = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "h100", "--gpus", "8")
+    assert est[8][0]["flops"]["train_per_row_model"] > lora["flops"]["train_per_row_model"]

@@ -72,7 +72,15 @@ class GRPOConfig(RolloutRunConfig):
 
     _moved: ClassVar[dict[str, str]] = {f"train.{k}": f"moved to grpo.{k}" for k in GRPO_KEYS}
 
+    FULL_FINETUNE: ClassVar[bool] = True  # model.finetune=full: engine/full.py
+
     grpo: GRPOSection = _help("The clipped GRPO objective.", factory=GRPOSection)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss needs the frozen base (the KL term): full fine-tuning then
+        keeps a frozen copy of the transformer."""
+        return self.grpo.beta_kl > 0
 
     @property
     def trained_steps(self) -> int:
@@ -88,3 +96,8 @@ class GRPOConfig(RolloutRunConfig):
                 "form: set grpo.kl_form=public with sample.kind=cps"
             )
         check_trained_steps(self.sample, g.timestep_fraction, "grpo.timestep_fraction")
+        if self.model.finetune == "full" and self.train.adamw_8bit:
+            raise UserError(
+                "train.adamw_8bit cannot update FSDP-sharded full weights yet; with "
+                "model.finetune=full set train.adamw_8bit=false"
+            )

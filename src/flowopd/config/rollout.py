@@ -14,6 +14,7 @@ No algorithm's config inherits another's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flowopd.config.layout import EpochLayoutMixin
 from flowopd.config.sections import (
@@ -24,6 +25,7 @@ from flowopd.config.sections import (
     RewardConfig,
     RolloutOptimConfig,
     SampleConfig,
+    check_full_finetune,
     check_rewards,
     help_field,
 )
@@ -34,6 +36,9 @@ __all__ = ["RolloutRunConfig"]
 @dataclass
 class RolloutRunConfig(EpochLayoutMixin):
     """The shared sections of a run on sampled prompt groups (no method section)."""
+
+    # whether the recipe runs with model.finetune=full (engine/full.py); GRPO sets True
+    FULL_FINETUNE: ClassVar[bool] = False
 
     model: ModelConfig = help_field("Base model and LoRA.", factory=ModelConfig)
     data: DataConfig = help_field("Prompt datasets.", factory=DataConfig)
@@ -47,6 +52,8 @@ class RolloutRunConfig(EpochLayoutMixin):
         """Cross-section checks (each section checked itself already; see validate_config):
         the rewards, the benchmarks, the method's own rules, then the epoch layout."""
         self.check_rewards()
+        if not self.FULL_FINETUNE:
+            check_full_finetune(self.model, type(self).__name__.removesuffix("Config"))
         self.eval.resolved_benchmarks(self.data.test)
         self.check_method()
         # Every divisibility rule that holds for W processes also holds for W = 1, so the

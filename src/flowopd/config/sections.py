@@ -39,6 +39,7 @@ __all__ = [
     "check_benchmarks",
     "check_rewards",
     "check_min",
+    "check_full_finetune",
     "help_field",
 ]
 
@@ -53,6 +54,16 @@ def help_field(text: str, default: Any = None, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
+
+
+def check_full_finetune(model: ModelConfig, algo: str) -> None:
+    """UserError when ``model.finetune=full`` is set for an algorithm that keeps its extra
+    networks (anchor, teachers, snapshots, students) as LoRA adapters on one base."""
+    if model.finetune == "full":
+        raise UserError(
+            f"model.finetune=full is supported for GRPO only so far ({algo} keeps its extra "
+            "networks as LoRA adapters on the shared base); use model.finetune=lora"
+        )
 
 
 def check_min(
@@ -130,6 +141,13 @@ class ModelConfig:
         "Classifier-free guidance w in v_u + w (v_c - v_u), for sampling and training.", 4.5
     )
     lora: LoRAConfig = help_field("LoRA adapter.", factory=LoRAConfig)
+    finetune: Literal["lora", "full"] = help_field(
+        "What trains: 'lora' = a LoRA adapter on the frozen base (model.lora; processes "
+        "average gradients like DDP); 'full' = the transformer's own weights (float32 "
+        "master weights, sharded with FSDP2 over the torchrun processes; the KL reference is "
+        "a frozen sharded copy of the base; saves OUT/transformer). GRPO only so far.",
+        "lora",
+    )
     gradient_checkpointing: bool = help_field(
         "Recompute each transformer block in the backward instead of keeping its "
         "activations (~20 d values per token per block): activations shrink ~10x for ~1 "

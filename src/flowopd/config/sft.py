@@ -26,6 +26,7 @@ from flowopd.config.sections import (
     ModelConfig,
     OptimConfig,
     OutputConfig,
+    check_full_finetune,
     check_min,
 )
 from flowopd.config.sections import help_field as _help
@@ -120,6 +121,7 @@ class SFTConfig:
         return self.prompts_per_process(world_size) * self.sample.images_per_prompt
 
     def validate(self) -> None:
+        check_full_finetune(self.model, "SFT")
         self.eval.resolved_benchmarks(self.data.test)
         self.check_distributed(1)
 

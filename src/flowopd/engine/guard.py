@@ -54,7 +54,8 @@ class NonFiniteGuard:
         ``max_consecutive``-th bad step in a row.
         """
         params = list(params)
-        grads = [p.grad for p in params if p.grad is not None]
+        # sharded (FSDP) grads: this process's shard; the all-reduce below covers the rest
+        grads = [_local(p.grad) for p in params if p.grad is not None]
         # the verdict lives where the grads are: NCCL all-reduces only device tensors
         device = grads[0].device if grads else torch.device("cpu")
         loss_t = torch.as_tensor(loss).detach().to(device)
@@ -97,3 +98,8 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = int(state["consecutive"])
         self.total_skipped = int(state["total_skipped"])
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP gradients); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,6 +1,10 @@
 """Run set-up shared by the training recipes: processes, output dir, model + adapter,
 gradient averaging, the trained adapter's optimiser / EMA / checkpoints, the epoch's log.
 
+With ``model.finetune: full`` the trained "adapter" is the whole transformer, sharded with
+FSDP2 over the processes (engine/full.py says how and why); ``Run.full`` marks it and
+``TrainState`` takes parameters, state and the final save from there.
+
 Imports nothing above the engine: rewards from config are ``flowopd.rewards.combine.
 build_reward``, the periodic evaluation is ``flowopd.eval.periodic``."""
 
@@ -34,6 +38,7 @@ class Run:
     main: bool
     accelerator: Any = None
     history: list[dict] = field(default_factory=list)
+    full: bool = False  # model.finetune == "full": the transformer itself trains
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -66,7 +71,13 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
         )
     # sampling, training and evaluation all run at model.resolution (None: the native side)
     model.set_resolution(cfg.model.resolution)
-    if adapter is not None:
+    full = adapter is not None and getattr(cfg.model, "finetune", "lora") == "full"
+    if full:
+        from flowopd.engine.full import prepare_full
+
+        # the frozen KL reference only when the recipe's loss uses one (GRPO: beta_kl > 0)
+        prepare_full(model, reference=getattr(cfg, "uses_reference", True), world=world)
+    elif adapter is not None:
         torch.manual_seed(cfg.train.seed)  # the LoRA A init is random: same on every process
         lora = cfg.model.lora
         model.add_adapter(
@@ -75,8 +86,9 @@ def setup_run(cfg, adapter: str | None, *, model: FlowModel | None = None) -> Ru
         )  # fmt: skip
         model.set_adapter(adapter, trainable=True)
     return Run(
-        model=model, out=out, world=world, rank=rank, main=acc.is_main_process, accelerator=acc
-    )
+        model=model, out=out, world=world, rank=rank, main=acc.is_main_process,
+        accelerator=acc, full=full,
+    )  # fmt: skip
 
 
 def reduce_gradients(params: list[nn.Parameter], world: int) -> None:
@@ -110,7 +122,12 @@ class TrainState:
 
         t = train_cfg
         self.run, self.adapter, self.snapshots, self.cfg = run, adapter, snapshots, t
-        self.params = run.model.adapter_parameters(adapter)
+        if run.full:
+            from flowopd.engine.full import full_parameters
+
+            self.params = full_parameters(run.model)
+        else:
+            self.params = run.model.adapter_parameters(adapter)
         self.opt = make_optimizer(
             self.params,
             t.lr,
@@ -148,29 +165,62 @@ class TrainState:
             return 0
         state = load_checkpoint(ckpt)
         model = self.run.model
-        model.load_adapter_state_dict(self.adapter, state["lora"])
-        for name in self.snapshots:
-            model.load_adapter_state_dict(name, state[name])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        if self.run.full:
+            self._load_full(state)
+        else:
+            model.load_adapter_state_dict(self.adapter, state["lora"])
+            for name in self.snapshots:
+                model.load_adapter_state_dict(name, state[name])
+            self.opt.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
         self.guard.load_state_dict(state["guard"])
         self.opt_steps = state["opt_steps"]
         self.run.log(f"resumed from {ckpt} (epoch {state['epoch']})")
         return state["epoch"] + 1
 
+    def _load_full(self, state: dict) -> None:
+        """Full fine-tuning's consolidated checkpoint into the (sharded) model, AdamW, EMA."""
+        from flowopd.engine import full as fu
+
+        transformer = self.run.model.transformer
+        fu.load_model_state(transformer, state["full"])
+        fu.load_optimizer_state(transformer, self.opt, state["optimizer"])
+        if self.ema is not None:
+            fu.load_shadow(self.ema, state["ema"])
+
+    def _full_state(self) -> dict:
+        """Consolidated full-fine-tuning state (collective; complete on the main process)."""
+        from flowopd.engine import full as fu
+
+        transformer = self.run.model.transformer
+        state = {
+            "full": fu.model_state(transformer),
+            "optimizer": fu.optimizer_state(transformer, self.opt),
+        }
+        if self.ema is not None:
+            state["ema"] = fu.shadow_state(self.ema)
+        return state
+
     def step(self, last_loss: torch.Tensor) -> float:
         """Average gradients over processes, clip, step unless non-finite, EMA, zero grads.
 
-        Returns the gradient norm before clipping."""
+        Returns the gradient norm before clipping (over all shards when sharded: the
+        DTensor norm is all-reduced). Sharded full fine-tuning needs no averaging here:
+        FSDP's backward reduce-scatters the gradients averaged over processes."""
         t = self.cfg
-        reduce_gradients(self.params, self.run.world)
+        if not (self.run.full and self.run.world > 1):
+            reduce_gradients(self.params, self.run.world)
         if t.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         else:
             grad_norm = torch.sqrt(
                 sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None)
             )
+        if self.run.full:
+            from flowopd.engine.full import to_full
+
+            grad_norm = to_full(grad_norm)
         if self.guard.check(last_loss.detach(), self.params):
             self.opt.step()
             self.opt_steps += 1
@@ -184,26 +234,35 @@ class TrainState:
         from flowopd.engine.checkpoint import save_checkpoint
 
         every = output_cfg.checkpoint_every
-        if self.run.main and ((every and (epoch + 1) % every == 0) or last):
+        due = bool((every and (epoch + 1) % every == 0) or last)
+        # full fine-tuning gathers its shards on every process (a collective)
+        full = self._full_state() if due and self.run.full else None
+        if self.run.main and due:
             model = self.run.model
-            state = {
-                "epoch": epoch,
-                "opt_steps": self.opt_steps,
-                "lora": model.adapter_state_dict(self.adapter),
-                "optimizer": self.opt.state_dict(),
-                "guard": self.guard.state_dict(),
-            }
-            state.update({name: model.adapter_state_dict(name) for name in self.snapshots})
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
+            state = {"epoch": epoch, "opt_steps": self.opt_steps, "guard": self.guard.state_dict()}
+            if full is not None:
+                state.update(full)
+            else:
+                state["lora"] = model.adapter_state_dict(self.adapter)
+                state["optimizer"] = self.opt.state_dict()
+                state.update({name: model.adapter_state_dict(name) for name in self.snapshots})
+                if self.ema is not None:
+                    state["ema"] = self.ema.state_dict()
             save_checkpoint(self.run.out, epoch + 1, state, keep_last=output_cfg.keep_last or None)
         dist.barrier()
 
     def save_final(self) -> None:
-        """The trained adapter to ``OUT/lora`` (diffusers format; EMA weights when EMA is on)."""
+        """The trained adapter to ``OUT/lora`` (diffusers format; EMA weights when EMA is on);
+        full fine-tuning: the transformer to ``OUT/transformer`` (a diffusers model dir)."""
         from contextlib import nullcontext
 
-        if self.run.main:
+        if self.run.full:
+            from flowopd.engine.full import save_transformer
+
+            with self.ema.swapped(self.params) if self.ema is not None else nullcontext():
+                out = self.run.out / "transformer"
+                save_transformer(self.run.model.transformer, out, main=self.run.main)
+        elif self.run.main:
             with self.ema.swapped(self.params) if self.ema is not None else nullcontext():
                 self.run.model.save_adapter(self.adapter, self.run.out / "lora")
         dist.barrier()

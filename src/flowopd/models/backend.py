@@ -114,6 +114,8 @@ class DiffusersBackend:
     transformer: nn.Module
     device: torch.device
     dtype: torch.dtype
+    # full fine-tuning's frozen base (engine/full.py): what adapters_disabled() runs
+    reference: nn.Module | None = None
 
     def _setup(
         self,
@@ -317,6 +319,13 @@ class DiffusersBackend:
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
+        if self.reference is not None:  # full fine-tuning: the frozen copy is the base
+            trained, self.transformer = self.transformer, self.reference
+            try:
+                yield
+            finally:
+                self.transformer = trained
+            return
         if not self.adapter_names or self._active is None:
             yield
             return

@@ -118,6 +118,8 @@ class RunInputs:
     ema: bool
     rewards: list[str]
     weighted: bool  # reward.mode == "weighted": every image scored by every reward
+    full: bool = False  # model.finetune == "full": every weight trains, FSDP-sharded
+    reference: bool = True  # full: a frozen copy of the base for the KL (GRPO beta_kl > 0)
 
     @classmethod
     def of(cls, cfg: Any) -> RunInputs:
@@ -163,6 +165,8 @@ class RunInputs:
             ema=t.ema,
             rewards=_reward_names(cfg),
             weighted=cfg.reward.mode == "weighted",
+            full=getattr(m, "finetune", "lora") == "full",
+            reference=getattr(cfg, "uses_reference", True),
         )
 
 
@@ -233,6 +237,8 @@ def _epoch_flops(
     f_fwd_lora = forward_flops(arch, n_img, n_txt, **lora)
     f_fwd_base = forward_flops(arch, n_img, n_txt)
     tf = train_step_flops(arch, n_img, n_txt, **lora, checkpointing=run.checkpointing)
+    if run.full:  # + the weight gradients dW = 2 m k n per linear: ~one more forward
+        tf = replace(tf, backward=tf.backward + f_fwd_base)
     f_vae = vae_decode_flops(shape.vae_config, res)
     f_text = 2 * shape.text_encoder_params * n_txt  # encoders see their own tokens; upper bound
     rows, grad_rows = run.cfg_rows, run.grad_rows
@@ -267,15 +273,47 @@ def _scoring_seconds(run: RunInputs, images: int, device: str, notes: list[str])
     return images * sum(per_image) / max(1, len(per_image))
 
 
+def _weight_memory(run: RunInputs, arch: Arch, gpus: int) -> dict[str, int]:
+    """Transformer and trained-state bytes per process.
+
+    LoRA: the frozen transformer in the model dtype (b bytes) and the LoRA's float32
+    weights + grads + AdamW (8 B, 8-bit: 2 B) + EMA (4 B) per LoRA parameter.
+    Full fine-tuning (FSDP over ``gpus`` processes), P transformer parameters:
+    ``trained state shard`` = (4 + 4 + 8 + 4 ema) P / gpus float32 weights, grads, AdamW
+    moments and EMA shadow; ``reference shard`` = b P / gpus frozen reference
+    (when the KL needs one), plus 2 blocks' float32 weights gathered at a time (the
+    running block and the prefetched next one) and the unsharded positional buffer.
+    """
+    db = dtype_bytes(run.dtype)
+    opt_state = 2 if run.adamw_8bit else 8
+    ema = 4 if run.ema else 0
+    n, pos = transformer_params(arch), pos_embed_elements(arch)
+    if not run.full:
+        lora_n = lora_params(arch, run.rank, run.targets)
+        return {
+            "transformer": (n + pos) * db,
+            "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
+        }
+    blocks = arch.num_layers + getattr(arch, "num_single_layers", 0)
+    return {
+        "reference shard": (n * db // gpus + pos * db) if run.reference else 0,
+        "trained state shard": n * (4 + 4 + opt_state + ema) // gpus + pos * 4,
+        "gathered blocks": 2 * (n // blocks) * 4 if gpus > 1 else 0,
+    }  # fmt: skip
+
+
 def _memory(
-    run: RunInputs, arch: Arch, shape: PipelineShape, res: int, images: int, device: str
+    run: RunInputs,
+    arch: Arch,
+    shape: PipelineShape,
+    res: int,
+    images: int,
+    device: str,
+    gpus: int = 1,
 ) -> dict[str, int]:
     """Bytes per process by component, and ``peak`` (see :func:`estimate_run`)."""
     db = dtype_bytes(run.dtype)
     n_img, n_txt = image_tokens(arch, res, shape.vae_scale), shape.text_tokens
-    lora_n = lora_params(arch, run.rank, run.targets)
-    opt_state = 2 if run.adamw_8bit else 8
-    ema = 4 if run.ema else 0
     side = res // shape.vae_scale
     latent = arch.in_channels * side * side * 4
     rollout_bytes = (
@@ -285,18 +323,18 @@ def _memory(
         + (n_txt * arch.joint_attention_dim + arch.pooled_projection_dim) * 4  # cond
     )
     act_rows = run.train_batch_size * run.grad_rows
+    weights = _weight_memory(run, arch, gpus)
     mem = {
-        "transformer": (transformer_params(arch) + pos_embed_elements(arch)) * db,
+        **weights,
         "vae": shape.vae_params * 4,
         "text_encoders": 0 if run.offload_text_encoders else shape.text_encoder_params * 4,
-        "lora+grads+adamw+ema": lora_n * (4 + 4 + opt_state + ema),
         "activations": activation_bytes(arch, n_img, n_txt, act_rows, dtype_bytes=db, checkpointing=run.checkpointing),
         "rollouts": images * rollout_bytes,
         "runtime": RUNTIME_OVERHEAD_BYTES if device != "cpu" else 0,
     }  # fmt: skip
     steady = sum(mem.values())
     # offloaded encoders come back for the epoch's encoding, before rollouts/activations exist
-    encoding = mem["transformer"] + mem["vae"] + mem["lora+grads+adamw+ema"] + mem["runtime"]
+    encoding = sum(weights.values()) + mem["vae"] + mem["runtime"]
     encoding += shape.text_encoder_params * 4
     mem["peak"] = max(steady, encoding if run.offload_text_encoders else 0)
     return mem
@@ -305,6 +343,11 @@ def _memory(
 def _memory_notes(
     run: RunInputs, mem: dict[str, int], device: str, mem_cap: float | None, notes: list[str]
 ) -> None:
+    if run.full:
+        notes.append(
+            "model.finetune=full: float32 weights, grads and AdamW states sharded over the "
+            "processes with FSDP; the KL reference is a frozen sharded copy"
+        )
     if mem_cap is not None and mem["peak"] > mem_cap * GiB:
         notes.append(
             f"estimated peak {mem['peak'] / GiB:.1f} GiB exceeds the {mem_cap:.0f} GiB of a "
@@ -378,7 +421,7 @@ def estimate_run(
     images = prompts * run.group_size
     flops = _epoch_flops(run, arch, shape, res, prompts)
     score_s = _scoring_seconds(run, images, device, notes)
-    mem = _memory(run, arch, shape, res, images, device)
+    mem = _memory(run, arch, shape, res, images, device, gpus)
     _memory_notes(run, mem, device, mem_cap, notes)
     return RunEstimate(
         model=run.model,
