@@ -30,7 +30,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench scripts
 	$(BIN)/ruff check --fix src tests bench scripts
 
-# The Flow-OPD pipeline on the embedded model at a demo budget (report: runs/demo/report/index.html)
+# The Flow-OPD pipeline on the embedded model, preset toy/demo (report: runs/demo/report/index.html)
 demo: $(STAMP)
 	$(BIN)/flowopd demo --out runs/demo
 
