@@ -14,6 +14,8 @@ from flowopd.models import BASE, load_model
 from flowopd.models.flux import FluxModel, pack_latents, unpack_latents
 from flowopd.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
 from flowopd.sampling import sample
+from tests.models._lora import check_saved_lora_matches_stock
+from tests.models._lora import randomize_adapter as _randomize
 
 PROMPTS = ["a photo of a red circle", 'a sign that says "47"']
 MSL = 8  # T5 tokens
@@ -40,13 +42,6 @@ def _stock(pipe, steps, w, seed=0, output_type="latent", res=16):
     if output_type == "latent":
         out = pipe._unpack_latents(out, res, res, pipe.vae_scale_factor)
     return out
-
-
-def _randomize(model, name, seed, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def test_ode_sampler_matches_stock_flux_pipeline(flux, flux_pipe):
@@ -173,19 +168,11 @@ def test_saved_lora_loads_into_stock_flux_pipeline_and_matches(flux, flux_pipe, 
     assert any("single_transformer_blocks.0.attn.to_q" in n for n in names)
     assert any("transformer_blocks.0.ff_context.net.2" in n for n in names)
     assert not any("proj_mlp" in n or "single_transformer_blocks.0.proj_out" in n for n in names)
-    flux.save_adapter("student", tmp_path / "lora")
-    ours = sample(flux, PROMPTS, 4, kind="ode", guidance_scale=3.5,
-                  generator=torch.Generator().manual_seed(0)).latents  # fmt: skip
-    stock = copy.deepcopy(flux_pipe)
-    stock.load_lora_weights(str(tmp_path / "lora"))
-    assert (ours - _stock(stock, 4, 3.5)).abs().max().item() < 1e-5
-    assert (ours - _stock(flux_pipe, 4, 3.5)).abs().max().item() > 1e-3  # the LoRA acts
-    fresh = FluxModel(copy.deepcopy(flux_pipe), max_sequence_length=MSL, native_resolution=16)
-    fresh.load_adapter(str(tmp_path / "lora"), "loaded")
-    fresh.set_adapter("loaded")
-    again = sample(fresh, PROMPTS, 4, kind="ode", guidance_scale=3.5,
-                   generator=torch.Generator().manual_seed(0)).latents  # fmt: skip
-    assert (again - ours).abs().max().item() < 1e-5
+    check_saved_lora_matches_stock(
+        flux, flux_pipe, lambda pipe: _stock(pipe, 4, 3.5),
+        lambda pipe: FluxModel(pipe, max_sequence_length=MSL, native_resolution=16),
+        PROMPTS, 4, 3.5, tmp_path,
+    )  # fmt: skip
 
 
 def test_save_reload_and_backend_mismatch_errors(flux, tmp_path, tiny_pipe):

@@ -12,6 +12,8 @@ from flowopd.errors import UserError
 from flowopd.models import BASE, load_model
 from flowopd.models.sd3 import SD3Model
 from flowopd.sampling import SamplerSpec, sample
+from tests.models._lora import check_saved_lora_matches_stock
+from tests.models._lora import randomize_adapter as _randomize
 
 PROMPTS = ["a photo of a red circle", 'a sign that says "47"']
 
@@ -99,13 +101,6 @@ def test_cps_sampler_runs_and_is_seeded(tiny_model):
 
 
 # -- adapters ----------------------------------------------------------------------------
-
-
-def _randomize(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _grads_of(model, v, upstream):
@@ -225,27 +220,15 @@ def test_saved_lora_loads_into_stock_pipeline_and_matches(tiny_model, tiny_pipe,
     tiny_model.add_adapter("student", rank=4, alpha=8)
     tiny_model.set_adapter("student")
     _randomize(tiny_model, "student", 7)
-    tiny_model.save_adapter("student", tmp_path / "lora")
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    ours = sample(tiny_model, PROMPTS, 6, kind="ode", guidance_scale=4.5,
-                  generator=torch.Generator().manual_seed(0)).latents  # fmt: skip
 
-    stock = copy.deepcopy(tiny_pipe)
-    stock.load_lora_weights(str(tmp_path / "lora"))
-    ref = stock(PROMPTS, num_inference_steps=6, guidance_scale=4.5, output_type="latent",
-                generator=torch.Generator().manual_seed(0), max_sequence_length=8).images  # fmt: skip
-    assert (ours - ref).abs().max().item() < 1e-5
-    base = tiny_pipe(PROMPTS, num_inference_steps=6, guidance_scale=4.5, output_type="latent",
-                     generator=torch.Generator().manual_seed(0), max_sequence_length=8).images  # fmt: skip
-    assert (ours - base).abs().max().item() > 1e-3  # the adapter really changed the output
+    def stock(pipe):
+        return pipe(PROMPTS, num_inference_steps=6, guidance_scale=4.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), max_sequence_length=8).images  # fmt: skip
 
-    # and back into a flowopd model under another name, with alpha restored
-    fresh = SD3Model(copy.deepcopy(tiny_pipe), max_sequence_length=8)
-    fresh.load_adapter(str(tmp_path / "lora"), "loaded")
-    fresh.set_adapter("loaded")
-    again = sample(fresh, PROMPTS, 6, kind="ode", guidance_scale=4.5,
-                   generator=torch.Generator().manual_seed(0)).latents  # fmt: skip
-    assert (again - ours).abs().max().item() < 1e-5
+    check_saved_lora_matches_stock(
+        tiny_model, tiny_pipe, stock, lambda pipe: SD3Model(pipe, max_sequence_length=8),
+        PROMPTS, 6, 4.5, tmp_path,
+    )  # fmt: skip
 
 
 def test_adapter_state_dict_roundtrip(tiny_model):

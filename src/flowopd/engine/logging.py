@@ -23,14 +23,21 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from flowopd.engine.distributed import is_main_process
 
-__all__ = ["RunLogger", "format_stats", "library_log_to", "library_warnings", "progress"]
+__all__ = [
+    "EPOCH_HOOKS",
+    "RunLogger",
+    "format_stats",
+    "library_log_to",
+    "library_warnings",
+    "progress",
+]
 
 log = logging.getLogger("flowopd")
 # Library warnings a user cannot act on: never the console, only OUT/library.log of a run.
@@ -44,6 +51,9 @@ LIBRARY_NOISE: tuple[str, ...] = ("Already found a `peft_config`",)
 T = TypeVar("T")
 
 _warned_no_tensorboard = False
+# Called with the epoch after every logged epoch, in the training thread (for instance by
+# recipes/parallel.py to take over the threads of a finished stage).
+EPOCH_HOOKS: list[Callable[[int], None]] = []
 
 # (label, candidate key names (last component), format)
 _LINE_FIELDS: list[tuple[str, tuple[str, ...], str]] = [
@@ -184,6 +194,8 @@ class RunLogger:
             os.fsync(f.fileno())
         self._tensorboard(plain, epoch if step is None else step)
         print(format_stats(epoch, plain), file=self.stream or sys.stdout, flush=True)
+        for hook in EPOCH_HOOKS:
+            hook(epoch)
 
     def _tensorboard(self, stats: Mapping[str, Any], step: int) -> None:
         global _warned_no_tensorboard

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from flowopd.engine.logging import library_warnings
 from flowopd.errors import UserError, unknown
 from flowopd.models import adapters as ad
+from flowopd.models.base import Cond
 
 LORA_WEIGHTS = ad.LORA_WEIGHTS
 FLOWOPD_META = "flowopd.json"  # optional per-model defaults written by `flowopd pretrain`
@@ -106,7 +107,7 @@ class DiffusersBackend:
     """Shared machinery of the diffusers backends (see the module docstring).
 
     A backend sets ``pipe``, ``transformer``, ``device``, ``dtype`` and ``DEFAULT_TARGETS``
-    and implements ``_text_encoders()`` / ``_modules()``.
+    and implements ``_text_encoders()`` / ``_modules()`` / ``encode_prompts()``.
     """
 
     DEFAULT_TARGETS: tuple[str, ...] = ()
@@ -127,6 +128,7 @@ class DiffusersBackend:
         """Freeze every module, move it to the device (text encoders stay on the CPU when
         offloaded), cast the transformer to ``dtype`` and apply the speed options."""
         self._offload_te = offload_text_encoders
+        self._neg: Cond | None = None  # the empty prompt's embedding, encoded once
         for m in self._modules():
             m.requires_grad_(False)
             m.eval()
@@ -149,6 +151,12 @@ class DiffusersBackend:
             self.transformer.compile()
         self._trainable: str | None = None
         self._active: str | None = None
+
+    def negative_cond(self, n: int) -> Cond:
+        """The empty prompt's embedding for ``n`` images (CFG's unconditional branch)."""
+        if self._neg is None:
+            self._neg = self.encode_prompts([""])
+        return self._neg.expand(n)
 
     def _text_encoders(self) -> list[nn.Module]:  # pragma: no cover - backends override
         raise NotImplementedError

@@ -155,7 +155,6 @@ class FluxModel(DiffusersBackend):
         # FluxPipeline's default side: default_sample_size (128) x the VAE scale = 1024 px
         self._native = native_resolution or int(pipe.default_sample_size) * self.vae_scale_factor
         self.resolution: int | None = None
-        self._neg: Cond | None = None
         if resolution is not None:
             self.set_resolution(resolution)
 
@@ -295,12 +294,6 @@ class FluxModel(DiffusersBackend):
                 max_sequence_length=self.max_sequence_length,
             )
         return Cond(embeds.float(), pooled.float())
-
-    def negative_cond(self, n: int) -> Cond:
-        """The empty prompt's embedding (unused by FLUX's velocity: no CFG pair)."""
-        if self._neg is None:
-            self._neg = self.encode_prompts([""])
-        return self._neg.expand(n)
 
     # -- velocity ---------------------------------------------------------------------------
     def velocity(

@@ -91,7 +91,6 @@ class SD3Model(DiffusersBackend):
             compile=compile,
             offload_text_encoders=offload_text_encoders,
         )
-        self._neg: Cond | None = None
         if resolution is not None:
             self.set_resolution(resolution)
         self.shift = float(pipe.scheduler.config.get("shift", 3.0))
@@ -222,11 +221,6 @@ class SD3Model(DiffusersBackend):
                 max_sequence_length=self.max_sequence_length,
             )
         return Cond(embeds.float(), pooled.float())
-
-    def negative_cond(self, n: int) -> Cond:
-        if self._neg is None:
-            self._neg = self.encode_prompts([""])
-        return self._neg.expand(n)
 
     def velocity(
         self,

@@ -173,41 +173,36 @@ def _tiny_transformer(cfg: TinySD3Config, joint: int):
     ).eval()
 
 
-def _tiny_clip_encoders(cfg: TinySD3Config, tok, seed: int) -> list:
-    """The two CLIP text encoders (torch seeds ``seed + 1`` and ``seed + 2``)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def clip_text_config(tok, hidden: int, layers: int, max_length: int, **extra):
+    """A tiny ``CLIPTextConfig`` over tokenizer ``tok`` (2 heads, MLP 2 x ``hidden``)."""
+    from transformers import CLIPTextConfig
 
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    encoders = []
-    for i in range(2):
-        torch.manual_seed(seed + 1 + i)
-        clip_cfg = CLIPTextConfig(
-            vocab_size=len(tok.get_vocab()),
-            hidden_size=cfg.clip_hidden,
-            intermediate_size=2 * cfg.clip_hidden,
-            num_hidden_layers=cfg.clip_layers,
-            num_attention_heads=2,
-            max_position_embeddings=cfg.clip_max_length,
-            projection_dim=cfg.clip_hidden,
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        encoders.append(CLIPTextModelWithProjection(clip_cfg).eval())
-    return encoders
+    return CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **extra,
+    )
 
 
-def _tiny_t5(cfg: TinySD3Config, joint: int, seed: int):
-    """(T5 encoder, its tokenizer) of width ``joint`` (torch seed ``seed + 3``)."""
+def t5_encoder(tokenizer, width: int, seed: int):
+    """A one-layer ``T5EncoderModel`` of width ``width`` over ``tokenizer`` (torch seed
+    ``seed``)."""
     from transformers import T5Config, T5EncoderModel
 
-    tokenizer = t5_tokenizer(cfg.words)
-    torch.manual_seed(seed + 3)
+    torch.manual_seed(seed)
     t5_cfg = T5Config(
         vocab_size=len(tokenizer.get_vocab()),
-        d_model=joint,
+        d_model=width,
         d_kv=8,
-        d_ff=2 * joint,
+        d_ff=2 * width,
         num_layers=1,
         num_heads=2,
         dropout_rate=0.0,
@@ -216,7 +211,28 @@ def _tiny_t5(cfg: TinySD3Config, joint: int, seed: int):
         pad_token_id=0,
         eos_token_id=1,
     )
-    return T5EncoderModel(t5_cfg).eval(), tokenizer
+    return T5EncoderModel(t5_cfg).eval()
+
+
+def _tiny_clip_encoders(cfg: TinySD3Config, tok, seed: int) -> list:
+    """The two CLIP text encoders (torch seeds ``seed + 1`` and ``seed + 2``)."""
+    from transformers import CLIPTextModelWithProjection
+
+    encoders = []
+    for i in range(2):
+        torch.manual_seed(seed + 1 + i)
+        clip_cfg = clip_text_config(
+            tok, cfg.clip_hidden, cfg.clip_layers, cfg.clip_max_length,
+            projection_dim=cfg.clip_hidden,
+        )  # fmt: skip
+        encoders.append(CLIPTextModelWithProjection(clip_cfg).eval())
+    return encoders
+
+
+def _tiny_t5(cfg: TinySD3Config, joint: int, seed: int):
+    """(T5 encoder, its tokenizer) of width ``joint`` (torch seed ``seed + 3``)."""
+    tokenizer = t5_tokenizer(cfg.words)
+    return t5_encoder(tokenizer, joint, seed + 3), tokenizer
 
 
 def _tiny_vae(cfg: TinySD3Config, seed: int):

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowopd.models.tiny import DEFAULT_WORDS, clip_tokenizer, t5_tokenizer
+from flowopd.models.tiny import (
+    DEFAULT_WORDS,
+    clip_text_config,
+    clip_tokenizer,
+    t5_encoder,
+    t5_tokenizer,
+)
 
 
 @dataclass
@@ -53,44 +59,10 @@ def _transformer(cfg: TinyFluxConfig):
 
 
 def _clip(cfg: TinyFluxConfig, tok, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed + 1)
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok.get_vocab()),
-            hidden_size=cfg.clip_hidden,
-            intermediate_size=2 * cfg.clip_hidden,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=cfg.clip_max_length,
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    ).eval()
-
-
-def _t5(cfg: TinyFluxConfig, tokenizer, seed: int):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed + 2)
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer.get_vocab()),
-            d_model=cfg.t5_width,
-            d_kv=8,
-            d_ff=2 * cfg.t5_width,
-            num_layers=1,
-            num_heads=2,
-            dropout_rate=0.0,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )  # fmt: skip
-    ).eval()
+    return CLIPTextModel(clip_text_config(tok, cfg.clip_hidden, 1, cfg.clip_max_length)).eval()
 
 
 def _vae(cfg: TinyFluxConfig, seed: int):
@@ -130,7 +102,7 @@ def build_tiny_flux_pipeline(cfg: TinyFluxConfig | None = None, seed: int = 0):
         vae=_vae(cfg, seed),
         text_encoder=_clip(cfg, tok, seed),
         tokenizer=tok,
-        text_encoder_2=_t5(cfg, tok_2, seed),
+        text_encoder_2=t5_encoder(tok_2, cfg.t5_width, seed + 2),
         tokenizer_2=tok_2,
         transformer=transformer,
     )

@@ -2,8 +2,11 @@
 
 Each stage runs ``recipe(algo)(config)`` in a spawned process with ``threads`` torch threads
 and its console in ``<run_dir>/console.log``; the parent prints every stage's progress
-(epochs done, from its ``log.jsonl``) every ``every`` seconds. For a single machine
-without a launcher: under torchrun every process already trains every stage together.
+(epochs done, from its ``log.jsonl``) every ``every`` seconds. When a stage ends, the
+stages still running share its threads: the parent writes each one's new count to
+``<run_dir>/.threads`` and the stage takes it up after its next epoch. For a single
+machine without a launcher: under torchrun every process already trains every stage
+together.
 """
 
 from __future__ import annotations
@@ -31,8 +34,34 @@ class StageJob:
     epochs: int
 
 
+THREADS_FILE = ".threads"
+
+
+def _follow_threads(path: Path) -> Callable[[int], None]:
+    """An epoch hook: set torch's threads to the count in ``path`` when it changed."""
+    import torch
+
+    def hook(epoch: int) -> None:
+        try:
+            n = int(path.read_text())
+        except (OSError, ValueError):
+            return
+        if n >= 1 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+            print(f"[pipeline] epoch {epoch}: now {n} threads", flush=True)
+
+    return hook
+
+
+def _write_threads(run_dir: Path, threads: int) -> None:
+    tmp = run_dir / f"{THREADS_FILE}.tmp"
+    tmp.write_text(str(threads))
+    tmp.replace(run_dir / THREADS_FILE)  # never read half-written
+
+
 def _run_stage(job: StageJob, threads: int) -> float:
-    """Child process: train ``job`` with ``threads`` threads; returns its seconds."""
+    """Child process: train ``job`` with ``threads`` threads (then the count the parent
+    writes to ``run_dir/.threads``); returns its seconds."""
     import contextlib
     import sys
 
@@ -40,9 +69,11 @@ def _run_stage(job: StageJob, threads: int) -> float:
 
     from flowopd.algos import config_class, recipe
     from flowopd.config import load_config
+    from flowopd.engine.logging import EPOCH_HOOKS
     from flowopd.presets import resolve_config
 
     torch.set_num_threads(threads)
+    EPOCH_HOOKS.append(_follow_threads(job.run_dir / THREADS_FILE))
     job.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(job.run_dir / "console.log", "a") as log, contextlib.redirect_stdout(log):
@@ -66,14 +97,22 @@ def train_in_processes(
     threads: int,
     log: Callable[[str], None] = print,
     every: float = 30.0,
+    run: Callable[[StageJob, int], float] = _run_stage,
 ) -> dict[str, float]:
-    """Train ``jobs`` with at most ``processes`` at once; returns ``{name: seconds}``.
+    """Train ``jobs`` with at most ``processes`` at once, ``threads`` threads each; returns
+    ``{name: seconds}``. Once every job has started, the ``processes * threads`` threads
+    are shared among the jobs still running as others end. ``run(job, threads)`` trains
+    one job in a child process (a module-level function: the children are spawned).
 
     A stage that fails re-raises its error here after the others finish."""
     ctx = mp.get_context("spawn")  # no forked torch state in the children
     seconds: dict[str, float] = {}
+    total, waiting = processes * threads, len(jobs) - processes
+    for j in jobs:
+        j.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_threads(j.run_dir, threads)
     with ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
-        running: dict[Future, StageJob] = {pool.submit(_run_stage, j, threads): j for j in jobs}
+        running: dict[Future, StageJob] = {pool.submit(run, j, threads): j for j in jobs}
         for j in jobs:
             log(f"[pipeline] {j.name}: training in its own process -> {j.run_dir}")
         while running:
@@ -82,6 +121,11 @@ def train_in_processes(
                 job = running.pop(fut)
                 seconds[job.name] = round(fut.result(), 1)
                 log(f"[pipeline] {job.name}: done in {seconds[job.name]:.0f}s")
+                (job.run_dir / THREADS_FILE).unlink(missing_ok=True)
+                waiting -= 1
+            if done and running and waiting < 0:  # no job left to start: share the threads
+                for i, j in enumerate(running.values()):
+                    _write_threads(j.run_dir, total // len(running) + (i < total % len(running)))
             if running and not done:
                 log("[pipeline] " + ", ".join(
                     f"{j.name} epoch {_epochs_done(j.run_dir)}/{j.epochs}" for j in running.values()
