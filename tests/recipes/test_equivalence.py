@@ -3,14 +3,19 @@
 The reference digests in ``data/equivalence.json`` were written by this test
 (``FLOWOPD_WRITE_REFERENCE=1``) before the architecture step. On the platform that wrote
 them (same torch version and CPU capability) the LoRA must be bitwise equal; elsewhere
-floating-point kernels may differ in the last bits, so the per-tensor sums and norms must
-agree to 1e-5 (relative).
+floating-point kernels differ in the last bits and two epochs of sampling amplify that, so
+each tensor's norm ``n`` must agree to ``RTOL`` (relative) and its sum to ``RTOL * sqrt(N) * n``
+(N elements; Cauchy-Schwarz bounds |sum(d)| by sqrt(N) * ||d||, and a sum of LoRA weights
+cancels, so a tolerance relative to the sum itself fails on noise). Measured on AVX2 against
+the AVX512 reference (torch 2.13.0): GRPO drifts 3.4e-6 in norm and 4.8e-6 in the scaled sum,
+OPD not at all; a code change moves them by orders of magnitude more.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from tests.recipes._teachers import make_teacher_loras, write_mixed_prompts
 from tests.recipes.conftest import run_cli
 
 REFERENCE = Path(__file__).parent / "data" / "equivalence.json"
+RTOL = 2e-5
 _COMMON = """
 model: {path: embedded, dtype: float32, resolution: null, guidance_scale: 3.0,
         lora: {rank: 4, alpha: 8}}
@@ -37,16 +43,17 @@ def _platform() -> str:
 
 
 def _digest(lora_dir: Path) -> dict:
-    """sha256 over (name, bytes) in name order, and per-tensor float64 sum and L2 norm."""
+    """sha256 over (name, bytes) in name order; per-tensor float64 sum, L2 norm, element count."""
     tensors = load_file(lora_dir / "pytorch_lora_weights.safetensors")
     h = hashlib.sha256()
-    stats = {}
+    stats, numel = {}, {}
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
         h.update(t.numpy().tobytes())
         stats[name] = [t.double().sum().item(), t.double().norm().item()]
-    return {"sha256": h.hexdigest(), "stats": stats}
+        numel[name] = t.numel()
+    return {"sha256": h.hexdigest(), "stats": stats, "numel": numel}
 
 
 def _run(tmp: Path, name: str, body: str) -> dict:
@@ -98,5 +105,6 @@ def test_lora_equals_the_pinned_reference(tmp_path, name):
         assert got["sha256"] == ref["sha256"], "LoRA differs bitwise from the reference"
     for key, (s, n) in ref["stats"].items():
         gs, gn = got["stats"][key]
-        assert gn == pytest.approx(n, rel=1e-5, abs=1e-9), key
-        assert gs == pytest.approx(s, rel=1e-4, abs=1e-6 * max(n, 1e-9)), key
+        assert gn == pytest.approx(n, rel=RTOL, abs=1e-9), key
+        scale = math.sqrt(got["numel"][key]) * n
+        assert abs(gs - s) <= RTOL * scale + 1e-12, f"{key}: sum {gs} vs {s}"
