@@ -272,3 +272,16 @@ def test_full_finetune_shards_the_trained_state_over_processes(capsys, tmp_path)
     # full fine-tuning also computes the weight gradients: a dearer training step
     lora, _ = _estimate(capsys, tmp_path, "--config", SD35M, "--gpu", "h100", "--gpus", "8")
     assert est[8][0]["flops"]["train_per_row_model"] > lora["flops"]["train_per_row_model"]
+
+
+def test_flux1dev_fewer_t5_tokens_cost_less(capsys, tmp_path):
+    """model.max_sequence_length=128 (Flow-GRPO's text length) replaces FluxPipeline's 512
+    T5 tokens: 1024 + 128 tokens per row, so each training step costs less."""
+    full, _ = _estimate(capsys, tmp_path, "--config", FLUX1DEV, "--gpu", "h100", "--gpus", "8")
+    short, _ = _estimate(
+        capsys, tmp_path, "--config", FLUX1DEV, "--gpu", "h100", "--gpus", "8",
+        "model.max_sequence_length=128",
+    )  # fmt: skip
+    assert (full["text_tokens"], short["text_tokens"]) == (512, 128)
+    assert set(full["time_s"]) >= {"training"}
+    assert short["time_s"]["training"] < 0.9 * full["time_s"]["training"]

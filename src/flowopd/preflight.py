@@ -101,7 +101,7 @@ def _plan_model(plan: RunPlan, cfg: Any) -> None:
                 f"when HF_HUB_OFFLINE=1); fetch it first with `hf download {path}`"
             )
     try:
-        arch, shape = perf.load_architecture(source)
+        arch, shape = perf.load_architecture(source, m.max_sequence_length)
     except (OSError, ValueError, KeyError) as e:  # a malformed config.json
         raise UserError(
             f"model.path '{m.path}': unreadable model config ({e}); fix the directory"

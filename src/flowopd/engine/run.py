@@ -26,7 +26,10 @@ from flowopd.models.base import FlowModel
 from flowopd.paths import resolve_model_path
 
 # ModelConfig switches passed to the backend's from_pretrained when set (see config/sections.py)
-SPEED_OPTIONS = ("gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward")
+SPEED_OPTIONS = (
+    "gradient_checkpointing", "compile", "offload_text_encoders", "cfg_forward",
+    "max_sequence_length",
+)  # fmt: skip
 
 
 @dataclass

@@ -395,7 +395,7 @@ def estimate_run(
     """
     run = RunInputs.of(cfg)
     if arch is None or shape is None:
-        arch, shape = load_architecture(run.model)
+        arch, shape = load_architecture(run.model, getattr(cfg.model, "max_sequence_length", None))
     res = run.resolution or arch.sample_size * shape.vae_scale
     notes: list[str] = []
     if isinstance(arch, FluxArch):
@@ -469,7 +469,8 @@ def format_estimate(est: RunEstimate) -> str:
         f"device       {est.gpus} x {est.device_name}, {est.dtype}, peak "
         f"{est.peak_tflops:.3g} TFLOP/s x assumed MFU {est.mfu:.2f}",
         f"sequence     {est.resolution} px: {est.image_tokens} image + {est.text_tokens} text "
-        f"tokens, {est.rows_per_image} row(s) per image (CFG)",
+        f"tokens, {est.rows_per_image} row(s) per image"
+        + (" (CFG pair)" if est.rows_per_image == 2 else ""),
         f"FLOP/row     forward {si(f['forward_per_row'])}FLOP, train step "
         f"{si(f['train_per_row_model'])}FLOP"
         + (f" (+{si(recompute)}FLOP checkpoint recompute)" if recompute else ""),
