@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 
-from flowopd.recipes.parallel import THREADS_FILE, StageJob, _follow_threads, train_in_processes
+from flowopd.recipes.parallel import (
+    THREADS_FILE,
+    SideTask,
+    StageJob,
+    _follow_threads,
+    train_in_processes,
+)
 
 
 def _stage(job: StageJob, threads: int) -> float:
@@ -20,7 +26,15 @@ def _stage(job: StageJob, threads: int) -> float:
             time.sleep(0.05)
             seen.append(int((job.run_dir / THREADS_FILE).read_text()))
     (job.run_dir / "seen.txt").write_text(" ".join(map(str, seen)))
+    marks = sorted(p.name for p in job.run_dir.parent.glob("mark_*"))
+    (job.run_dir / "marks_at_end.txt").write_text(" ".join(marks))
     return 0.0
+
+
+def _mark(path: Path) -> None:
+    """A stand-in side task (an evaluation): leaves a file."""
+    time.sleep(0.2)
+    path.write_text("done")
 
 
 def test_finished_stage_threads_go_to_the_running_one(tmp_path):
@@ -39,6 +53,32 @@ def test_queued_stages_keep_their_share(tmp_path):
     jobs[1] = StageJob("fast", "nft", "", (), tmp_path / "fast2", 1)
     train_in_processes(jobs, 2, 1, log=lambda _: None, every=0.1, run=_stage)
     assert (tmp_path / "slow" / "seen.txt").read_text().split()[-1] == "2"  # after both ended
+
+
+def test_side_tasks_take_the_freed_slot_before_the_threads(tmp_path):
+    """The base's evaluation waits for a free slot, the finished stage's evaluation follows
+    it, both while 'slow' still trains; only then does 'slow' get the second thread. The
+    stage that ends last gets no side task (nothing else is running)."""
+    jobs = [StageJob(n, "nft", "", (), tmp_path / n, 1) for n in ("fast", "slow")]
+    log: list[str] = []
+    train_in_processes(
+        jobs, 2, 1, log=log.append, every=0.1, run=_stage,
+        side=[SideTask("eval base", _mark, (tmp_path / "mark_base",))],
+        after=lambda job: SideTask(f"eval {job.name}", _mark, (tmp_path / f"mark_{job.name}",)),
+    )  # fmt: skip
+    assert (tmp_path / "slow" / "seen.txt").read_text().split()[-1] == "2"
+    assert (tmp_path / "slow" / "marks_at_end.txt").read_text() == "mark_base mark_fast"
+    assert not (tmp_path / "mark_slow").exists()
+    assert "[pipeline] eval fast: in the freed slot" in log
+
+
+def test_a_failing_side_task_is_logged_not_raised(tmp_path):
+    jobs = [StageJob(n, "nft", "", (), tmp_path / n, 1) for n in ("fast", "slow")]
+    log: list[str] = []
+    bad = SideTask("eval base", _mark, (tmp_path / "no" / "such" / "dir",))
+    train_in_processes(jobs, 2, 1, log=log.append, every=0.1, run=_stage, side=[bad])
+    assert any(line.startswith("[pipeline] eval base: failed") for line in log)
+    assert (tmp_path / "slow" / "seen.txt").read_text().split()[-1] == "2"
 
 
 def test_epoch_hook_sets_torch_threads(tmp_path: Path, capsys):

@@ -64,6 +64,11 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     # teacher_jobs=2: both teachers trained at once in their own processes, consoles apart
     assert "teacher:ocr: training in its own process" in proc.stdout
     assert "epoch 0 |" in (out / "teachers" / "ocr" / "console.log").read_text()
+    # ... and the base's evaluation took the slot of the teacher that ended first (cached,
+    # so step 5 does not evaluate it again)
+    assert "[pipeline] eval base: done in" in proc.stdout
+    assert "[pipeline] eval base (" not in proc.stdout
+    assert (out / "eval" / "base" / "console.log").is_file()
     claims = json.loads((out / "report" / "claims.json").read_text())
     assert len(claims) == 8 and {c["passed"] for c in claims} <= {True, False, None}
     assert "(needs >= +0.15)" in claims[0]["detail"]  # the config's claims.gain

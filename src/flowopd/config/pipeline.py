@@ -104,7 +104,8 @@ class PipelineConfig:
     )
     teacher_jobs: int = _help(
         "Teachers trained at once, each in its own process with an equal share of the "
-        "threads (one machine, no torchrun); 1 = one after another.",
+        "threads (one machine, no torchrun); the base's and finished teachers' evaluations "
+        "take the slot of a teacher that ends first; 1 = one after another.",
         1,
     )
     mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)

@@ -4,9 +4,10 @@ Each stage runs ``recipe(algo)(config)`` in a spawned process with ``threads`` t
 and its console in ``<run_dir>/console.log``; the parent prints every stage's progress
 (epochs done, from its ``log.jsonl``) every ``every`` seconds. When a stage ends, the
 stages still running share its threads: the parent writes each one's new count to
-``<run_dir>/.threads`` and the stage takes it up after its next epoch. For a single
-machine without a launcher: under torchrun every process already trains every stage
-together.
+``<run_dir>/.threads`` and the stage takes it up after its next epoch. Side tasks (the
+pipeline's evaluations of the base and of finished teachers) take a freed slot first:
+they run while the other stages still train, instead of after them. For a single machine
+without a launcher: under torchrun every process already trains every stage together.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StageJob", "train_in_processes"]
+__all__ = ["SideTask", "StageJob", "train_in_processes"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class StageJob:
     overrides: tuple[str, ...]
     run_dir: Path
     epochs: int
+
+
+@dataclass(frozen=True)
+class SideTask:
+    """Work for a slot that a finished stage frees: ``fn(*args)`` in a child process
+    (``fn`` a module-level function: the children are spawned)."""
+
+    name: str
+    fn: Callable[..., object]
+    args: tuple = ()
 
 
 THREADS_FILE = ".threads"
@@ -83,6 +94,16 @@ def _run_stage(job: StageJob, threads: int) -> float:
     return time.time() - t0
 
 
+def _run_side(task: SideTask, threads: int) -> float:
+    """Child process: ``task.fn(*task.args)`` with ``threads`` threads; returns its seconds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    task.fn(*task.args)
+    return time.time() - t0
+
+
 def _epochs_done(run_dir: Path) -> int:
     path = run_dir / "log.jsonl"
     if not path.is_file():
@@ -98,34 +119,53 @@ def train_in_processes(
     log: Callable[[str], None] = print,
     every: float = 30.0,
     run: Callable[[StageJob, int], float] = _run_stage,
+    side: Sequence[SideTask] = (),
+    after: Callable[[StageJob], SideTask | None] | None = None,
 ) -> dict[str, float]:
     """Train ``jobs`` with at most ``processes`` at once, ``threads`` threads each; returns
-    ``{name: seconds}``. Once every job has started, the ``processes * threads`` threads
-    are shared among the jobs still running as others end. ``run(job, threads)`` trains
-    one job in a child process (a module-level function: the children are spawned).
+    ``{name: seconds}``. ``side`` tasks, and ``after(job)`` for each job that ends while
+    others still train, queue for the next free slot (one thread share each). Once every
+    job and side task has started, the ``processes * threads`` threads are shared among
+    the jobs still running as others end. ``run(job, threads)`` trains one job in a child
+    process (a module-level function: the children are spawned).
 
-    A stage that fails re-raises its error here after the others finish."""
+    A stage that fails re-raises its error here after the others finish; a side task that
+    fails is logged and skipped (its work is redone later by whoever needs it)."""
     ctx = mp.get_context("spawn")  # no forked torch state in the children
     seconds: dict[str, float] = {}
-    total, waiting = processes * threads, len(jobs) - processes
+    total, waiting = processes * threads, len(jobs) + len(side) - processes
     for j in jobs:
         j.run_dir.mkdir(parents=True, exist_ok=True)
         _write_threads(j.run_dir, threads)
     with ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
         running: dict[Future, StageJob] = {pool.submit(run, j, threads): j for j in jobs}
+        extra: dict[Future, SideTask] = {pool.submit(_run_side, t, threads): t for t in side}
         for j in jobs:
             log(f"[pipeline] {j.name}: training in its own process -> {j.run_dir}")
-        while running:
-            done, _ = wait(running, timeout=every, return_when=FIRST_COMPLETED)
+        while running or extra:
+            done, _ = wait([*running, *extra], timeout=every, return_when=FIRST_COMPLETED)
             for fut in done:
+                waiting -= 1
+                if fut in extra:
+                    task = extra.pop(fut)
+                    try:
+                        log(f"[pipeline] {task.name}: done in {fut.result():.0f}s")
+                    except Exception as e:  # noqa: BLE001 - redone later, never fatal here
+                        log(f"[pipeline] {task.name}: failed ({e}); left for later")
+                    continue
                 job = running.pop(fut)
                 seconds[job.name] = round(fut.result(), 1)
                 log(f"[pipeline] {job.name}: done in {seconds[job.name]:.0f}s")
                 (job.run_dir / THREADS_FILE).unlink(missing_ok=True)
-                waiting -= 1
-            if done and running and waiting < 0:  # no job left to start: share the threads
+                task = after(job) if after is not None and running else None
+                if task is not None:
+                    extra[pool.submit(_run_side, task, threads)] = task
+                    waiting += 1
+                    log(f"[pipeline] {task.name}: in the freed slot")
+            if done and running and waiting < 0:  # nothing left to start: share the threads
+                busy = len(running) + len(extra)
                 for i, j in enumerate(running.values()):
-                    _write_threads(j.run_dir, total // len(running) + (i < total % len(running)))
+                    _write_threads(j.run_dir, total // busy + (i < total % busy))
             if running and not done:
                 log("[pipeline] " + ", ".join(
                     f"{j.name} epoch {_epochs_done(j.run_dir)}/{j.epochs}" for j in running.values()

@@ -231,7 +231,7 @@ def _train_teachers(cfg: PipelineConfig, stages: _Stages, budget: str) -> None:
     import torch
 
     from flowopd.algos import config_class, recipe
-    from flowopd.recipes.parallel import StageJob, train_in_processes
+    from flowopd.recipes.parallel import SideTask, StageJob, train_in_processes
 
     jobs = []
     for t in cfg.teachers:
@@ -250,7 +250,29 @@ def _train_teachers(cfg: PipelineConfig, stages: _Stages, budget: str) -> None:
     if jobs:
         processes = min(cfg.teacher_jobs, len(jobs))
         threads = max(1, torch.get_num_threads() // processes)
-        stages.timings.update(train_in_processes(jobs, processes, threads, log=stages.log))
+        # the base's and finished teachers' evaluations fill the slots of teachers that end
+        # first (cached in OUT/eval for step 5), instead of running after every stage
+        eval_dir = stages.out / "eval"
+        base = SideTask("eval base", _evaluate_one, (cfg, "base", None, eval_dir))
+
+        def after(job: StageJob) -> SideTask:
+            lora = job.run_dir / "lora"
+            return SideTask(f"eval {job.name}", _evaluate_one, (cfg, job.name, lora, eval_dir))
+
+        stages.timings.update(
+            train_in_processes(jobs, processes, threads, log=stages.log, side=[base], after=after)
+        )
+
+
+def _evaluate_one(cfg: PipelineConfig, name: str, lora: Path | None, eval_dir: Path) -> None:
+    """Child process: ``evaluate_models`` for one model, its console in
+    ``eval_dir/<name>/console.log``."""
+    import contextlib
+
+    log_dir = eval_dir / _slug(name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "console.log", "a") as f, contextlib.redirect_stdout(f):
+        evaluate_models(cfg, {name: lora}, eval_dir)
 
 
 def _cold_start(
