@@ -20,6 +20,32 @@ def test_gather_shards_is_the_identity_in_one_process():
         gather_shards(x[:4], 5)
 
 
+def test_a_shorter_shard_runs_as_many_batches_as_the_largest(tiny_pixel_dir, monkeypatch):
+    """3 images on 2 processes, batch 1: rank 0 samples images 0-1, rank 1 image 2 and then
+    one throwaway batch, so both run 2 batches (2 x 3 forwards: FSDP's collective weight
+    gathers pair up); the throwaway image is neither scored nor counted."""
+    from flowopd.eval import benchmarks
+    from flowopd.models import load_model
+
+    monkeypatch.setattr(benchmarks.dist, "rank", lambda: 1)
+    monkeypatch.setattr(benchmarks.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(benchmarks.dist, "gather_cat", lambda t: t.reshape(1))
+    gathered = []
+
+    def gather_shards(local, n):  # rank 0's two scores stand in as zeros
+        gathered.append(len(local))
+        return torch.cat([torch.zeros(n - len(local)), local])
+
+    monkeypatch.setattr(benchmarks.dist, "gather_shards", gather_shards)
+    calls = []
+    real = benchmarks.generate
+    monkeypatch.setattr(benchmarks, "generate", lambda *a: calls.append(len(a[1])) or real(*a))
+    model = load_model(str(tiny_pixel_dir))
+    res = benchmarks.evaluate(model, "toy-ocr", benchmarks.EvalSettings(steps=3, n=3, batch_size=1))
+    assert calls == [1, 1] and gathered == [1]
+    assert res.sampled["toy-ocr"] == [1]
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_same_metrics_as_one(tmp_path, tiny_pixel_dir):
     # 5 prompts x 3 images = 15 images a benchmark: uneven shards of 8 and 7

@@ -313,9 +313,16 @@ def _run(
     k = plan.images_per_prompt
     mine = dist.shard_indices(plan.images, dist.rank(), dist.world_size())  # image g: prompt g // k
     local, local_q, kept, sampled = [torch.zeros(0)], [torch.zeros(0)], [], 0
-    starts = range(0, len(mine), settings.batch_size)
+    # every process runs as many batches (so as many transformer forwards) as the largest
+    # shard needs: under FSDP each forward gathers the weights collectively, and a process
+    # that stopped a batch early would leave the others waiting for ever
+    largest = -(-plan.images // dist.world_size())
+    starts = range(0, -(-largest // settings.batch_size) * settings.batch_size, settings.batch_size)
     for start in progress(starts, f"eval {name} ({len(mine)} images, {len(starts)} batches)"):
         batch = mine[start : start + settings.batch_size]
+        if not batch:  # a shorter shard: one throwaway image, its result dropped
+            generate(model, [recs[0]["prompt"]], plan, [settings.seed], settings.batch_size)
+            continue
         batch_recs = [recs[g // k] for g in batch]
         prompts = [r["prompt"] for r in batch_recs]
         seeds = [image_seed(settings.seed, g) for g in batch]
