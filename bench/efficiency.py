@@ -24,7 +24,9 @@ forward-process methods CFG-free, as their papers do); the table names the guida
         --jobs 2 --out runs/bench/efficiency [--set KEY=V ...]
 
 Runs already in OUT are continued from their checkpoints or, when finished, only re-read;
-``--plot-only`` re-reads without training.
+``--plot-only`` re-reads without training. ``--add FILE.json`` puts the runs of an earlier
+result file (their recorded curves, for ``--tasks``) beside this one's: a method run later
+joins the table of the others, and Flow-GRPO's final score, without re-running them.
 """
 
 from __future__ import annotations
@@ -254,6 +256,17 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def added_runs(files: list[str], tasks: list[str]) -> list[tuple[Job, dict[str, list]]]:
+    """The runs recorded in earlier efficiency.json ``files`` on ``tasks``, with their curves."""
+    runs = []
+    for f in files:
+        for r in json.loads(Path(f).read_text())["runs"]:
+            if r["task"] in tasks:
+                fields = {k: r[k] for k in Job.__dataclass_fields__}
+                runs.append((Job(**{**fields, "overrides": tuple(r["overrides"])}), r["curve"]))
+    return runs
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="geneval,ocr", help="comma list: geneval, ocr")
@@ -267,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", default="runs/bench/efficiency")
     p.add_argument("--plot-only", action="store_true", help="re-read OUT's runs, no training")
+    p.add_argument("--add", nargs="*", default=[], metavar="FILE.json",
+                   help="earlier efficiency.json files whose runs join the table")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -282,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             wall = dict(zip(jobs, pool.map(train, jobs), strict=True))
     curves = {j: read_curve(Path(j.out), j.task) for j in jobs}
+    for j, curve in added_runs(args.add, tasks):
+        jobs.append(j)
+        curves[j] = curve
+        methods += [] if j.method in methods else [j.method]
     means = {t: {m: mean_curve([curves[j] for j in jobs if (j.task, j.method) == (t, m)])
                  for m in methods} for t in tasks}  # fmt: skip
     rows = table(means, {(j.task, j.method): j.guidance for j in jobs})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -158,3 +159,10 @@ def test_efficiency_curves_means_and_table(tmp_path, monkeypatch):
     assert "| geneval | nft | 1 | 1 | 0.800 ± 0.020 | 384 | 256 | 0.67 | 40 |" in mod.markdown(
         rows, {"platform": "x", "cpu_count": 2}
     )
+    # --add: an earlier result file's runs (their recorded curves) join a later run's table
+    job = mod.Job("geneval", "grpo", 0, "c.yaml", 6, 64, 2, 3.0, ("train.seed=0",), "g0")
+    other = mod.Job("ocr", "grpo", 0, "c.yaml", 6, 64, 2, 3.0, (), "o0")
+    runs = [{**dataclasses.asdict(j), "curve": c} for j in (job, other)]
+    saved = tmp_path / "earlier.json"
+    saved.write_text(json.dumps({"runs": runs}))
+    assert mod.added_runs([str(saved)], ["geneval"]) == [(job, c)]  # the other task left out
