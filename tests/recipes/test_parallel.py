@@ -94,3 +94,31 @@ def test_epoch_hook_sets_torch_threads(tmp_path: Path, capsys):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_stage_leaves_its_worker_as_it_found_it(tmp_path, monkeypatch):
+    """The pool reuses a stage's worker process for a side task: the stage's console file
+    must not stay the worker's stderr once closed (an evaluation failed on it, "I/O
+    operation on closed file"), and its thread-following hook must go."""
+    import sys
+
+    import flowopd.algos
+    import flowopd.config
+    import flowopd.presets
+    from flowopd.engine.logging import EPOCH_HOOKS
+    from flowopd.recipes.parallel import _run_stage
+
+    def fake_recipe(cfg):
+        print("to the console log", file=sys.stderr)
+
+    monkeypatch.setattr(flowopd.algos, "recipe", lambda algo: fake_recipe)
+    monkeypatch.setattr(flowopd.algos, "config_class", lambda algo: None)
+    monkeypatch.setattr(flowopd.config, "load_config", lambda *a: None)
+    monkeypatch.setattr(flowopd.presets, "resolve_config", lambda c: c)
+    stderr, hooks, threads = sys.stderr, list(EPOCH_HOOKS), torch.get_num_threads()
+    try:
+        _run_stage(StageJob("s", "nft", "", (), tmp_path / "s", 1), 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert sys.stderr is stderr and hooks == EPOCH_HOOKS
+    assert "to the console log" in (tmp_path / "s" / "console.log").read_text()

@@ -74,7 +74,6 @@ def _run_stage(job: StageJob, threads: int) -> float:
     """Child process: train ``job`` with ``threads`` threads (then the count the parent
     writes to ``run_dir/.threads``); returns its seconds."""
     import contextlib
-    import sys
 
     import torch
 
@@ -84,13 +83,21 @@ def _run_stage(job: StageJob, threads: int) -> float:
     from flowopd.presets import resolve_config
 
     torch.set_num_threads(threads)
-    EPOCH_HOOKS.append(_follow_threads(job.run_dir / THREADS_FILE))
+    hook = _follow_threads(job.run_dir / THREADS_FILE)
+    EPOCH_HOOKS.append(hook)
     job.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(job.run_dir / "console.log", "a") as log, contextlib.redirect_stdout(log):
-        sys.stderr = log
-        cfg = load_config(config_class(job.algo), resolve_config(job.config), job.overrides)
-        recipe(job.algo)(cfg)
+    # the worker process may run a side task next: restore its streams and hooks after
+    with (
+        open(job.run_dir / "console.log", "a") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        try:
+            cfg = load_config(config_class(job.algo), resolve_config(job.config), job.overrides)
+            recipe(job.algo)(cfg)
+        finally:
+            EPOCH_HOOKS.remove(hook)
     return time.time() - t0
 
 

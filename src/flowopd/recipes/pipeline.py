@@ -271,7 +271,11 @@ def _evaluate_one(cfg: PipelineConfig, name: str, lora: Path | None, eval_dir: P
 
     log_dir = eval_dir / _slug(name)
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "console.log", "a") as f, contextlib.redirect_stdout(f):
+    with (
+        open(log_dir / "console.log", "a") as f,
+        contextlib.redirect_stdout(f),
+        contextlib.redirect_stderr(f),
+    ):
         evaluate_models(cfg, {name: lora}, eval_dir)
 
 
