@@ -79,13 +79,15 @@ def plan(args: argparse.Namespace, task: str, method: str, seed: int) -> Job:
     from flowopd.config import load_config
     from flowopd.presets import preset_path
 
-    if args.config_dir:
-        config = str(Path(args.config_dir) / f"{method}_{task}.yaml")
-    else:
-        config = str(preset_path(f"toy/{method}_{task}") or f"toy/{method}_{task}")
+    # a preset by its name (`flowopd train --config toy/nft_ocr`), so results name no path
+    config = (
+        str(Path(args.config_dir) / f"{method}_{task}.yaml")
+        if args.config_dir
+        else f"toy/{method}_{task}"
+    )
     overrides = [*args.set, f"train.seed={seed}", f"eval.num_prompts={args.eval_prompts}",
                  f"eval.benchmarks=[toy-{task}]"]  # fmt: skip
-    cfg = load_config(config_class(method), config, overrides)
+    cfg = load_config(config_class(method), str(preset_path(config) or config), overrides)
     per_epoch = cfg.images_per_epoch
     epochs = args.budget_images // per_epoch
     if epochs < 1:
