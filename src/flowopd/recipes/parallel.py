@@ -12,15 +12,16 @@ without a launcher: under torchrun every process already trains every stage toge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SideTask", "StageJob", "train_in_processes"]
+__all__ = ["SideTask", "StageJob", "console_to", "train_in_processes"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,15 @@ class SideTask:
 THREADS_FILE = ".threads"
 
 
+@contextlib.contextmanager
+def console_to(path: Path) -> Iterator[None]:
+    """stdout and stderr appended to ``path`` (a child's console), restored after: the
+    pool's worker process may run another stage or side task next."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
 def _follow_threads(path: Path) -> Callable[[int], None]:
     """An epoch hook: set torch's threads to the count in ``path`` when it changed."""
     import torch
@@ -73,8 +83,6 @@ def _write_threads(run_dir: Path, threads: int) -> None:
 def _run_stage(job: StageJob, threads: int) -> float:
     """Child process: train ``job`` with ``threads`` threads (then the count the parent
     writes to ``run_dir/.threads``); returns its seconds."""
-    import contextlib
-
     import torch
 
     from flowopd.algos import config_class, recipe
@@ -85,14 +93,8 @@ def _run_stage(job: StageJob, threads: int) -> float:
     torch.set_num_threads(threads)
     hook = _follow_threads(job.run_dir / THREADS_FILE)
     EPOCH_HOOKS.append(hook)
-    job.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    # the worker process may run a side task next: restore its streams and hooks after
-    with (
-        open(job.run_dir / "console.log", "a") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
+    with console_to(job.run_dir / "console.log"):
         try:
             cfg = load_config(config_class(job.algo), resolve_config(job.config), job.overrides)
             recipe(job.algo)(cfg)

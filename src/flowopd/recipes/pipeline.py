@@ -267,15 +267,9 @@ def _train_teachers(cfg: PipelineConfig, stages: _Stages, budget: str) -> None:
 def _evaluate_one(cfg: PipelineConfig, name: str, lora: Path | None, eval_dir: Path) -> None:
     """Child process: ``evaluate_models`` for one model, its console in
     ``eval_dir/<name>/console.log``."""
-    import contextlib
+    from flowopd.recipes.parallel import console_to
 
-    log_dir = eval_dir / _slug(name)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        open(log_dir / "console.log", "a") as f,
-        contextlib.redirect_stdout(f),
-        contextlib.redirect_stderr(f),
-    ):
+    with console_to(eval_dir / _slug(name) / "console.log"):
         evaluate_models(cfg, {name: lora}, eval_dir)
 
 
