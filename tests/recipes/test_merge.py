@@ -58,6 +58,15 @@ def test_ab_mean_differs_from_delta_and_scales_enter_delta():
     assert lora_delta(A2, B2, 0.5).tolist() == [[0.0, 0, 0], [0, 1, 0]]
 
 
+def test_sum_merge_keeps_each_teachers_whole_delta():
+    # task arithmetic: dW1 + dW2 (not normalised), exact at rank 2 = the sum of the ranks
+    a, b, err = merge_delta([A1, A2], [B1, B2], [1.0, 1.0], rank=2, normalise=False)
+    torch.testing.assert_close(b @ a, 2 * AVG, atol=1e-6, rtol=0)
+    assert err < 1e-12
+    a, b, _ = merge_delta([A1, A2], [B1, B2], [1.0, 1.0], 2, weights=[1.0, 0.5], normalise=False)
+    torch.testing.assert_close(b @ a, torch.tensor([[1.0, 0, 0], [0, 1, 0]]), atol=1e-6, rtol=0)
+
+
 # -- directories ------------------------------------------------------------------------
 
 
@@ -132,6 +141,14 @@ def test_ab_mean_dir_keeps_the_teachers_config(tmp_path, teachers):
     assert 0.1 < report.mean_error < 1  # random teachers: far from the average delta
     _, delta4 = merge_loras(t, method="delta")  # rank 4 < 8: truncated, but the best rank 4
     assert delta4.rank == 4 and 0 < delta4.mean_error < report.mean_error
+    # sum: rank 4 + 4 = 8 by default, exactly twice the exact average
+    summed, rep = merge_loras(t, method="sum")
+    avg, _ = merge_loras(t, method="delta", rank=8)
+    assert rep.rank == 8 and rep.weights == [1.0, 1.0] and rep.max_error < 1e-6
+    for m, (a, b) in summed.modules.items():
+        ma, mb = avg.modules[m]
+        torch.testing.assert_close(b.double() @ a.double(), 2 * (mb.double() @ ma.double()),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
 
 
 def test_merge_errors(teachers, tmp_path):

@@ -83,6 +83,72 @@ def test_pipeline_runs_writes_report_and_skips_finished_stages(tmp_path, tiny_pi
     assert json.loads((out / "report" / "table.json").read_text()) == rows
 
 
+def test_processes_train_and_evaluate_every_stage_data_parallel(tmp_path, tiny_pixel_dir):
+    """processes=2: the command starts 2 processes that run each stage and evaluation
+    together (ranks print nothing twice, only rank 0 writes); a rerun finds it all done."""
+    cfg = _pipeline_yaml(tmp_path, tiny_pixel_dir)
+    # 16 images an epoch: 8 per process, one batch each
+    text = cfg.read_text().replace(
+        "sample.batch_size=16, train.batch_size=16", "sample.batch_size=8, train.batch_size=8"
+    )
+    cfg.write_text(text)
+    over = ["processes=2", "teacher_jobs=1", "mix.config="]
+    proc = run_cli("pipeline", str(cfg), *over, timeout=600)
+    assert "[pipeline] 2 processes, data-parallel, on this machine" in proc.stdout
+    for line in ("teacher:geneval: training ->", "cold start: merge", "flow-opd: training ->",
+                 "eval base (", "report:"):  # fmt: skip
+        assert proc.stdout.count(line) == 1, line
+    out = tmp_path / "run"
+    rows = json.loads((out / "report" / "table.json").read_text())
+    assert [r["model"] for r in rows] == [
+        "base", "teacher:geneval", "teacher:ocr", "cold-start", "flow-opd",
+    ]  # fmt: skip
+    # each stage sampled its 4 prompts x 4 images an epoch across both processes
+    log = [json.loads(x) for x in (out / "teachers" / "ocr" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["num_groups"] == 4 and log[0]["images"] == 16
+    assert not list(out.rglob("*.tmp"))  # nothing half-written by two writers
+    again = run_cli("pipeline", str(cfg), *over, timeout=600)
+    assert again.stdout.count("done already") == 4
+    assert json.loads((out / "report" / "table.json").read_text()) == rows
+
+
+def test_every_stage_config_is_checked_before_the_first_stage_trains(tmp_path):
+    """check_stages loads each stage's config as the pipeline will (the LoRAs it makes
+    stood in for) and checks its epoch splits over the processes."""
+    import pytest
+
+    from flowopd.config import load_config
+    from flowopd.config.pipeline import PipelineConfig
+    from flowopd.errors import UserError
+    from flowopd.presets import resolve_config
+    from flowopd.recipes.pipeline import check_stages
+
+    def demo(*over: str) -> PipelineConfig:
+        return load_config(PipelineConfig, resolve_config("toy/demo"), [f"out={tmp_path}", *over])
+
+    check_stages(demo(), "full", 1)
+    check_stages(demo(), "full", 2)  # the demo's processes: 2
+    # the OPD stage's 64 images do not split into 2 optimizer steps of 32 on each of 2
+    # processes: found now, not when the stage starts after the teachers
+    bad = demo("opd.overrides=[train.batch_size=32]")
+    check_stages(bad, "full", 1)
+    with pytest.raises(UserError, match=r"^stage flow-opd \(configs/toy/opd.yaml\) on 2 "
+                       r"processes: train.optimizer_steps_per_epoch=2 must divide"):  # fmt: skip
+        check_stages(bad, "full", 2)
+    with pytest.raises(UserError, match=r"^stage teacher:ocr .*unknown config key 'train.epoch'"):
+        check_stages(demo("teachers.1.overrides=[train.epoch=3]"), "full", 1)
+    # an SFT cold start is checked with the teachers it will sample from
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("model: {path: embedded}\ndata: {train: 'world:geneval'}\n"
+                   "sample: {num_prompts: 5, images_per_prompt: 2}\ntrain: {batch_size: 2}\n")  # fmt: skip
+    with_sft = demo("cold_start.method=sft", f"cold_start.sft.config={sft}")
+    check_stages(with_sft, "full", 1)
+    with pytest.raises(
+        UserError, match=r"^stage cold-start .* on 2 processes: sample.num_prompts=5"
+    ):
+        check_stages(with_sft, "full", 2)
+
+
 def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monkeypatch, capsys):
     """seeds=[...]: one pipeline per seed in out/seed_<s>/, then out/report/ over the seeds
     (the stages themselves are replaced by a stub: the single-seed run is tested above)."""
@@ -134,6 +200,10 @@ def test_seeds_run_the_pipeline_per_seed_and_report_mean_and_std(tmp_path, monke
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["pipeline", str(cfg), "teacher_jobs=0"]) == 2
     assert "teacher_jobs must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["pipeline", str(cfg), "processes=2"]) == 2  # the preset has teacher_jobs: 2
+    assert "set teacher_jobs=1" in capsys.readouterr().err
+    assert main(["pipeline", str(cfg), "processes=0"]) == 2
+    assert "processes must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_teacher_algo_is_checked_before_anything_runs(tmp_path, tiny_pixel_dir):

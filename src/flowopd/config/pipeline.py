@@ -38,9 +38,10 @@ class ColdStartConfig:
         "Student initialisation: merge the teachers' LoRAs, SFT on teacher samples, or none.",
         "merge",
     )
-    merge_method: Literal["ab_mean", "delta"] = _help(
+    merge_method: Literal["ab_mean", "delta", "sum"] = _help(
         "ab_mean averages lora_A and lora_B separately (published code); delta averages B·A "
-        "and re-factorises it (exact up to the rank).",
+        "and re-factorises it (exact up to the rank); sum adds every teacher's whole B·A "
+        "(task arithmetic, at the sum of their ranks).",
         "ab_mean",
     )
     sft: StageConfig = _help("The SFT stage (when method is sft).", factory=StageConfig)
@@ -108,6 +109,12 @@ class PipelineConfig:
         "take the slot of a teacher that ends first; 1 = one after another.",
         1,
     )
+    processes: int = _help(
+        "Processes on this machine that run every stage and evaluation together, "
+        "data-parallel, each with an equal share of the cores (`flowopd pipeline` starts "
+        "them; at most one per core); ignored under torchrun, which starts its own.",
+        1,
+    )
     mix: StageConfig = _help("The GRPO-Mix baseline (empty config: skipped).", factory=StageConfig)
     cold_start: ColdStartConfig = _help("Student initialisation.", factory=ColdStartConfig)
     opd: StageConfig = _help("The Flow-OPD distillation stage.", factory=StageConfig)
@@ -125,6 +132,13 @@ class PipelineConfig:
             raise UserError(f"seed and seeds must be >= 0, got {self.seed} and {self.seeds}")
         if self.teacher_jobs < 1:
             raise UserError(f"teacher_jobs must be >= 1, got {self.teacher_jobs}")
+        if self.processes < 1:
+            raise UserError(f"processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.teacher_jobs > 1:
+            raise UserError(
+                f"processes={self.processes} trains every stage on all processes; "
+                "set teacher_jobs=1 (or processes=1 to train teachers side by side)"
+            )
         if self.teacher_jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError(
                 "teacher_jobs > 1 trains teachers in their own processes on one machine; "

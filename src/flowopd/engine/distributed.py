@@ -41,6 +41,7 @@ __all__ = [
     "shard_indices",
     "broadcast_object",
     "barrier",
+    "init_processes",
     "shutdown",
 ]
 
@@ -207,6 +208,16 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def init_processes() -> None:
+    """Join the launched processes' group now (accelerate's ``PartialState``: gloo on CPU,
+    NCCL on GPUs), for work that needs collectives before any stage builds an Accelerator,
+    e.g. a pipeline resumed after its training stages. No-op in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _dist_ready():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
 
 
 def barrier() -> None:

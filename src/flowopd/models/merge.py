@@ -12,9 +12,13 @@ teachers with weights w_k (normalised to sum 1) two merges are offered:
   by truncated SVD ``dW ~= U_R S_R V_R^T``, singular values split evenly:
   ``B = U_R sqrt(S_R)``, ``A = sqrt(S_R) V_R^T``, written with ``alpha = R`` so the
   scale is 1. Exact (error 0) when R >= sum_k r_k (the rank of dW is at most that).
+- ``sum``: task arithmetic, ``dW = sum_k w_k s_k B_k A_k`` with the weights as given
+  (default 1 each, not normalised): every teacher's whole delta, factorised as ``delta``
+  is, at rank R = sum_k r_k by default (exact). Where the teachers' tasks use different
+  directions, each keeps its own strength instead of half of it.
 
-Both report per layer the relative Frobenius error of the merged delta against the
-exact average, ``||dW_merged - dW||_F / ||dW||_F``: the SVD truncation error for
+Each reports per layer the relative Frobenius error of the merged delta against the
+exact weighted delta dW (the average; the sum for ``sum``), ``||dW_merged - dW||_F / ||dW||_F``: the SVD truncation error for
 ``delta``, the cross-term error for ``ab_mean``.
 
 Files: LoRA directories in the diffusers format that ``SD3Model.save_adapter`` writes
@@ -52,7 +56,7 @@ __all__ = [
     "MergeReport",
 ]
 
-MERGE_METHODS = ("ab_mean", "delta")
+MERGE_METHODS = ("ab_mean", "delta", "sum")
 
 
 # --------------------------------------------------------------------------------------
@@ -64,14 +68,15 @@ def lora_delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return scale * (b.double() @ a.double())
 
 
-def _normalise(weights: Sequence[float] | None, k: int) -> list[float]:
+def _normalise(weights: Sequence[float] | None, k: int, normalise: bool = True) -> list[float]:
+    """The teachers' weights: checked, then scaled to sum 1 (``normalise``) or as given."""
     if weights is None:
-        return [1.0 / k] * k
+        return [1.0 / k if normalise else 1.0] * k
     if len(weights) != k:
         raise UserError(f"{len(weights)} weights for {k} teachers; give one weight per teacher")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"merge weights must be >= 0 and not all 0, got {list(weights)}")
-    total = float(sum(weights))
+    total = float(sum(weights)) if normalise else 1.0
     return [w / total for w in weights]
 
 
@@ -105,17 +110,20 @@ def merge_delta(
     scales: Sequence[float],
     rank: int,
     weights: Sequence[float] | None = None,
+    normalise: bool = True,
 ) -> tuple[Tensor, Tensor, float]:
-    """Exact weighted-average delta, re-factorised to ``rank`` by truncated SVD.
+    """Exact weighted-average (or, not normalised, weighted-sum) delta, re-factorised to
+    ``rank`` by truncated SVD.
 
         dW = sum_k w_k s_k B_k A_k = U S V^T         (out, in)
         B  = U[:, :R] sqrt(S[:R]),  A = sqrt(S[:R]) V^T[:R]      (scale 1: alpha = R)
 
     a_list: K tensors (r_k, in); b_list: K tensors (out, r_k); scales: K floats s_k.
+    weights: w_k, normalised to sum 1 unless ``normalise`` is False (``sum``: 1 each).
     When R exceeds min(out, in) the extra rows of A / columns of B are zero, so every
     layer has rank R. Returns (A (R, in), B (out, R), relative Frobenius error).
     """
-    w = _normalise(weights, len(a_list))
+    w = _normalise(weights, len(a_list), normalise)
     if rank < 1:
         raise UserError(f"rank must be >= 1, got {rank}")
     dw = sum(
@@ -142,7 +150,7 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 
 @dataclass
 class MergeReport:
-    """What a merge did: per-layer relative Frobenius errors vs the exact average delta."""
+    """What a merge did: per-layer relative Frobenius errors vs the exact weighted delta."""
 
     method: str
     teachers: list[str]
@@ -170,7 +178,7 @@ class MergeReport:
     def summary(self) -> str:
         return (
             f"{self.method} merge of {len(self.teachers)} teachers, rank {self.rank}: relative "
-            f"Frobenius error vs the exact average delta per layer: mean {self.mean_error:.3g}, "
+            f"Frobenius error vs the exact weighted delta per layer: mean {self.mean_error:.3g}, "
             f"max {self.max_error:.3g} ({len(self.errors)} layers)"
         )
 
@@ -178,15 +186,16 @@ class MergeReport:
 def merge_loras(
     paths: Sequence[str],
     *,
-    method: Literal["ab_mean", "delta"] = "ab_mean",
+    method: Literal["ab_mean", "delta", "sum"] = "ab_mean",
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     out: str | Path | None = None,
 ) -> tuple[LoraFile, MergeReport]:
     """Merge the LoRA directories ``paths`` layer by layer (see the module docstring).
 
-    rank: the output rank of ``delta`` (default: the largest teacher rank); ``ab_mean``
-    keeps the teachers' rank and accepts no other. out: when given, the merged LoRA is
+    rank: the output rank of ``delta`` (default: the largest teacher rank) or ``sum``
+    (default: the sum of the teachers' ranks, exact); ``ab_mean`` keeps the teachers'
+    rank and accepts no other. out: when given, the merged LoRA is
     written there (diffusers format, with ``merge.json``). Returns the merged LoRA and
     the report.
     """
@@ -195,7 +204,7 @@ def merge_loras(
     if not paths:
         raise UserError("no teachers to merge; pass --teachers DIR [DIR ...]")
     loras = [read_lora(p) for p in paths]
-    w = _normalise(weights, len(loras))
+    w = _normalise(weights, len(loras), normalise=method != "sum")
     names = list(loras[0].modules)
     for p, lo in zip(paths, loras, strict=True):
         if set(lo.modules) != set(names):
@@ -214,7 +223,9 @@ def merge_loras(
             )
         if rank is not None and rank != next(iter(ranks)):
             raise UserError(f"ab_mean keeps the teachers' rank {next(iter(ranks))}; drop --rank")
-    out_rank = rank or max(ranks)
+    out_rank = rank or (
+        sum(int(lo.config.get("r", 0)) for lo in loras) if method == "sum" else max(ranks)
+    )
     merged: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     for m in names:
@@ -229,10 +240,10 @@ def merge_loras(
             )
             errors[m] = relative_error(lora_delta(a, b, scales[0]), exact)
         else:
-            a, b, errors[m] = merge_delta(a_list, b_list, scales, out_rank, w)
+            a, b, errors[m] = merge_delta(a_list, b_list, scales, out_rank, w, normalise=False)
         merged[m] = (a, b)
     config = dict(loras[0].config)
-    if method == "delta":  # scale 1: alpha = r = R; one rank everywhere
+    if method != "ab_mean":  # scale 1: alpha = r = R; one rank everywhere
         config.update(r=out_rank, lora_alpha=out_rank, use_rslora=False)
     config.update(rank_pattern={}, alpha_pattern={})
     report = MergeReport(

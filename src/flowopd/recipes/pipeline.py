@@ -15,6 +15,10 @@ reports mean +- std over the seeds in ``out/report/``.
 Each stage writes into its own folder under ``out``; a stage whose result is already
 there is skipped, so rerunning the command after an interruption continues where it
 stopped (training stages themselves resume from their last checkpoint).
+
+Every stage's config is loaded and checked for the process count first (``check_stages``).
+Data-parallel (``processes: N``, or under torchrun) every process runs every stage and
+evaluation together; only rank 0 prints and writes the merge, metrics and report.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import copy
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +35,8 @@ from pathlib import Path
 
 from flowopd.config import load_config
 from flowopd.config.pipeline import PipelineConfig, StageConfig
+from flowopd.engine import distributed as dist
+from flowopd.errors import UserError
 from flowopd.presets import resolve_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -67,6 +74,7 @@ def run_seeds(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[d
     idempotent pipeline with its own report) and then ``out/report/`` over the seeds:
     table.json rows hold the mean per column plus ``std`` and ``seeds`` (per-seed values);
     claims are checked on the means. Returns the report's rows."""
+    log = _main_log(log)
     if not cfg.seeds:
         return run_pipeline(cfg, budget=budget, log=log)
     out = Path(cfg.out)
@@ -77,8 +85,16 @@ def run_seeds(cfg: PipelineConfig, *, budget: str = "full", log=print) -> list[d
         log(f"[pipeline] seed {seed} -> {sub.out}")
         per_seed[seed] = run_pipeline(sub, budget=budget, log=log)
     rows = aggregate_seeds(per_seed, list(cfg.eval.benchmarks))
-    write_seeds_report(cfg, rows, out)
+    if dist.is_main_process():
+        write_seeds_report(cfg, rows, out)
+    dist.barrier()
     return rows
+
+
+def _main_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` on the main process; silent on the others (every process runs the pipeline
+    when launched data-parallel, and each would print every line)."""
+    return log if dist.is_main_process() else (lambda *_: None)
 
 
 def aggregate_seeds(per_seed: dict[int, list[dict]], columns: list[str]) -> list[dict]:
@@ -184,7 +200,9 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
     out.mkdir(parents=True, exist_ok=True)
     if budget == "demo":
         cfg.eval.n = cfg.demo_eval_n
-    stages = _Stages(out, log)
+    check_stages(cfg, budget, dist.world_size())
+    dist.init_processes()  # launched data-parallel: every stage and evaluation runs on all
+    stages = _Stages(out, _main_log(log))
 
     # 1. teachers: one per task, each by its own single-reward method (teachers[].algo)
     _train_teachers(cfg, stages, budget)
@@ -223,6 +241,45 @@ def run_pipeline(cfg: PipelineConfig, *, budget: str = "full", log=print) -> lis
 
     # 6. report
     return write_report(cfg, results, stages.models, stages.curves, out, stages.timings)
+
+
+def check_stages(cfg: PipelineConfig, budget: str, processes: int) -> None:
+    """Load every stage's config with its overrides and check that its epoch splits over
+    ``processes``: a bad stage config is a one-line error before the first stage trains,
+    not when its stage starts (the distillation ~10 minutes into the demo). The teachers'
+    and cold start's LoRAs do not exist yet: an empty stand-in takes their place."""
+    from flowopd.algos import config_class
+    from flowopd.config.grpo import GRPOConfig
+    from flowopd.config.opd import OPDConfig
+    from flowopd.config.sft import SFTConfig
+
+    out = Path(cfg.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        stand_in = Path(tmp) / "lora"
+        stand_in.mkdir()
+        (stand_in / LORA_FILE).touch()
+        teachers = [(t.task, stand_in) for t in cfg.teachers]
+        checks = [
+            (f"teacher:{t.task}", config_class(t.algo), t.config,
+             _stage_overrides(cfg, t, out / t.task, budget))
+            for t in cfg.teachers
+        ]  # fmt: skip
+        if cfg.mix.config:
+            over = _stage_overrides(cfg, cfg.mix, out, budget)
+            checks.append(("grpo-mix", GRPOConfig, cfg.mix.config, over))
+        if cfg.cold_start.method == "sft":
+            over = _stage_overrides(cfg, cfg.cold_start.sft, out, budget)
+            over.append(_teachers_override(teachers, "sft"))
+            checks.append(("cold-start", SFTConfig, cfg.cold_start.sft.config, over))
+        over = _stage_overrides(cfg, cfg.opd, out, budget)
+        over += [_teachers_override(teachers), f"opd.init={stand_in}"]
+        checks.append(("flow-opd", OPDConfig, cfg.opd.config, over))
+        for name, cls, config, overrides in checks:
+            try:
+                _load(cls, config, overrides).check_distributed(processes)
+            except UserError as e:
+                on = f" on {processes} processes" if processes > 1 else ""
+                raise UserError(f"stage {name} ({config}){on}: {e}") from None
 
 
 def _train_teachers(cfg: PipelineConfig, stages: _Stages, budget: str) -> None:
@@ -286,7 +343,11 @@ def _cold_start(
             from flowopd.models.merge import merge_loras
 
             stages.log(f"[pipeline] cold start: merge ({cs.merge_method}) -> {run_dir / 'lora'}")
-            merge_loras([str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method)
+            if dist.is_main_process():
+                merge_loras(
+                    [str(p) for _, p in teachers], out=run_dir / "lora", method=cs.merge_method
+                )
+            dist.barrier()
     elif cs.method == "sft":
         from flowopd.config.sft import SFTConfig
         from flowopd.recipes.sft import train_sft
@@ -306,11 +367,11 @@ def _cold_start(
     return str(run_dir / "lora")
 
 
-def _teachers_override(teachers: list[tuple[str, Path]]) -> str:
+def _teachers_override(teachers: list[tuple[str, Path]], section: str = "opd") -> str:
     items = ", ".join(
         f"{{path: '{p}', tasks: [{task}], name: teacher_{task}}}" for task, p in teachers
     )
-    return f"opd.teachers=[{items}]"
+    return f"{section}.teachers=[{items}]"
 
 
 def _slug(name: str) -> str:
@@ -340,11 +401,12 @@ def evaluate_models(
         key = {"benchmarks": list(cfg.eval.benchmarks), **settings.__dict__, "adapters": None}
         lora_stamp = (lora / LORA_FILE).stat().st_mtime if lora is not None else 0
         key["lora_mtime"] = lora_stamp  # a retrained stage invalidates its evaluation
-        if (
+        cached = (
             metrics_file.is_file()
             and key_file.is_file()
             and json.loads(key_file.read_text()) == key
-        ):
+        )
+        if dist.broadcast_object(cached):  # every process evaluates, or none
             results[name] = json.loads(metrics_file.read_text())
             continue
         if model is None:
@@ -357,13 +419,14 @@ def evaluate_models(
         model.set_adapter(adapter)
         t0 = time.time()
         res = evaluate(model, cfg.eval.benchmarks, settings)
-        images = [im[:16] for im in res.images.values()]
-        import torch
+        if dist.is_main_process():  # the metrics are gathered: the same on every process
+            import torch
 
-        captions = sum((res.prompts[k][:16] for k in res.images), [])
-        save_grid(d / "grid.png", torch.cat(images), captions)
-        write_json(metrics_file, res.metrics)
-        write_json(key_file, key)
+            images = [im[:16] for im in res.images.values()]
+            captions = sum((res.prompts[k][:16] for k in res.images), [])
+            save_grid(d / "grid.png", torch.cat(images), captions)
+            write_json(metrics_file, res.metrics)
+            write_json(key_file, key)
         results[name] = res.metrics
         log(f"[pipeline] eval {name} ({time.time() - t0:.0f}s)\n{format_table(res.metrics)}")
     return results
@@ -382,13 +445,15 @@ def write_report(
     from flowopd.eval.report import write_json
 
     rep = out / "report"
-    rep.mkdir(parents=True, exist_ok=True)
     columns = [b for b in cfg.eval.benchmarks]
     rows = table_rows(results, columns)
     method = {f"teacher:{t.task}": t.algo for t in cfg.teachers}
     for row in rows:  # which method made each teacher
         if row["model"] in method:
             row["method"] = method[row["model"]]
+    if not dist.is_main_process():
+        return rows
+    rep.mkdir(parents=True, exist_ok=True)
     write_table(rep / "table.json", rows)
     claims = check_claims(rows, columns, **asdict(cfg.claims))
     write_json(rep / "claims.json", [c.to_dict() for c in claims])
