@@ -36,3 +36,38 @@ def test_a_failing_rank_stops_the_others_and_its_status_is_returned():
     t0 = time.time()
     assert launch_local([sys.executable, "-c", script], 2) == 3
     assert time.time() - t0 < 20
+
+
+def test_a_terminated_launcher_stops_its_processes(tmp_path):
+    """SIGTERM to the launching process (e.g. `kill`) must not leave its ranks running."""
+    import os
+    import signal
+    import subprocess
+
+    child = (
+        "import os, pathlib, time; "
+        f"pathlib.Path(r'{tmp_path}', os.environ['RANK']).write_text(str(os.getpid())); "
+        "time.sleep(60)"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from flowopd.engine.launch import launch_local; "
+        f"sys.exit(launch_local([sys.executable, '-c', {child!r}], 2))"
+    )])  # fmt: skip
+    deadline = time.time() + 30
+
+    def written() -> list[str]:  # each rank's pid, once its file holds it
+        return [t for t in (p.read_text() for p in tmp_path.iterdir()) if t]
+
+    while len(written()) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [int(t) for t in written()]
+    assert len(pids) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=20) == 143
+    for pid in pids:  # reaped by the launcher: no such process any more
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, pid

@@ -14,6 +14,7 @@ one-line error. Timings of the layouts on a machine: ``python bench/processes.py
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def launch_local(cmd: list[str], processes: int, *, poll_s: float = 0.2) -> int:
         subprocess.Popen(cmd, env=child_env(r, processes, port, threads)) for r in range(processes)
     ]
     status = 0
+    # a SIGTERM to this process (a scheduler, `kill`) stops the children too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         while None in [p.poll() for p in procs]:  # a list: poll every process each time
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
@@ -74,6 +77,7 @@ def launch_local(cmd: list[str], processes: int, *, poll_s: float = 0.2) -> int:
         status = 130
     finally:
         _stop(procs)
+        signal.signal(signal.SIGTERM, previous)
     codes = [c if c >= 0 else 128 - c for c in (p.returncode for p in procs)]  # -9 -> 137
     return status or next((c for c in codes if c), 0)
 
