@@ -41,10 +41,8 @@ def _run(config: str, epochs: int, out: Path, threads: int, processes: int) -> f
     env["FLOWOPD_NO_PROGRESS"] = "1"
     if processes == 1:
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    else:
-        os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", FLOWOPD_NO_PROGRESS="1")
-        if launch_local(cmd, processes) != 0:
-            raise SystemExit(f"{processes} processes failed")
+    elif launch_local(cmd, processes, env=env) != 0:
+        raise SystemExit(f"{processes} processes failed")
     return statistics.median(_epoch_times(out))
 
 

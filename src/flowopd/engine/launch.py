@@ -34,9 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_env(rank: int, processes: int, port: int, threads: int) -> dict[str, str]:
-    """The environment of process ``rank`` of ``processes`` (torchrun's variables)."""
-    env = dict(os.environ)
+def child_env(
+    rank: int, processes: int, port: int, threads: int, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of process ``rank`` of ``processes``: ``base`` (default: this
+    process's) plus torchrun's variables."""
+    env = dict(os.environ if base is None else base)
     env.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
         LOCAL_WORLD_SIZE=str(processes), GROUP_RANK="0",
@@ -51,8 +54,11 @@ def flowopd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "flowopd", *args]
 
 
-def launch_local(cmd: list[str], processes: int, *, poll_s: float = 0.2) -> int:
-    """Run ``cmd`` as ``processes`` processes on this machine, ranks 0 .. processes - 1.
+def launch_local(
+    cmd: list[str], processes: int, *, env: dict[str, str] | None = None, poll_s: float = 0.2
+) -> int:
+    """Run ``cmd`` as ``processes`` processes on this machine, ranks 0 .. processes - 1,
+    in ``env`` (default: this process's environment) plus torchrun's variables.
 
     Each gets ``max(1, cores // processes)`` threads unless ``OMP_NUM_THREADS`` is set.
     Returns 0 when all succeed, else the first failure's exit status (the others are
@@ -61,7 +67,8 @@ def launch_local(cmd: list[str], processes: int, *, poll_s: float = 0.2) -> int:
     threads = max(1, (os.cpu_count() or 1) // processes)
     port = _free_port()
     procs = [
-        subprocess.Popen(cmd, env=child_env(r, processes, port, threads)) for r in range(processes)
+        subprocess.Popen(cmd, env=child_env(r, processes, port, threads, env))
+        for r in range(processes)
     ]
     status = 0
     # a SIGTERM to this process (a scheduler, `kill`) stops the children too

@@ -1,8 +1,8 @@
-"""Merge cold start for Flow-OPD (METHODS.md §3.2): average the teachers' LoRAs.
+"""Merge cold start for Flow-OPD (METHODS.md §3.2): combine the teachers' LoRAs.
 
 A LoRA layer adds ``dW = s * B @ A`` to a frozen weight W (out, in), with A (r, in),
 B (out, r) and scale ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). For K
-teachers with weights w_k (normalised to sum 1) two merges are offered:
+teachers with weights w_k (normalised to sum 1, except for ``sum``) three merges are offered:
 
 - ``ab_mean`` (the published code): ``A = sum_k w_k A_k``, ``B = sum_k w_k B_k``, same
   r and alpha. Its delta is ``s (sum w_k B_k)(sum w_k A_k)``, which is NOT the average
@@ -17,9 +17,9 @@ teachers with weights w_k (normalised to sum 1) two merges are offered:
   is, at rank R = sum_k r_k by default (exact). Where the teachers' tasks use different
   directions, each keeps its own strength instead of half of it.
 
-Each reports per layer the relative Frobenius error of the merged delta against the
-exact weighted delta dW (the average; the sum for ``sum``), ``||dW_merged - dW||_F / ||dW||_F``: the SVD truncation error for
-``delta``, the cross-term error for ``ab_mean``.
+Each reports per layer the relative Frobenius error of the merged delta against the exact
+weighted delta dW (the average; the sum for ``sum``), ``||dW_merged - dW||_F / ||dW||_F``:
+the SVD truncation error for ``delta`` and ``sum``, the cross-term error for ``ab_mean``.
 
 Files: LoRA directories in the diffusers format that ``SD3Model.save_adapter`` writes
 (``pytorch_lora_weights.safetensors``: keys ``transformer.<module>.lora_A.weight`` /
