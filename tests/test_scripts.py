@@ -47,3 +47,38 @@ def test_jobs_file_and_summary(tmp_path):
     assert lines[2] == "   epochs 4, 3.00 s/epoch (sample+score+train)"
     assert lines[3] == "   epoch 4: toy-geneval=0.500"  # categories left out
     assert "no log.jsonl" in mod.summarize("b", "x", tmp_path / "none.jsonl", 2)[1]
+
+
+def test_failure_modes_sorts_renders_of_each_outcome():
+    spec = importlib.util.spec_from_file_location(
+        "failure_modes", REPO / "scripts" / "failure_modes.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import numpy as np
+
+    from flowopd.rewards.toy import detect_objects
+    from flowopd.world.noise import corrupt
+    from flowopd.world.prompts import geneval_record
+    from flowopd.world.render import render
+
+    def one(cls, **kw):
+        return {"class": cls, "count": 1, **kw}
+
+    rng = np.random.default_rng(0)
+    pos = geneval_record("position", [one("square"), one("circle", position=["above", 0])])
+    attr = geneval_record("color_attr", [one("circle", color="red"), one("square", color="blue")])
+    two_squares = geneval_record("position", [one("square"), one("square", position=["above", 0])])
+    side = geneval_record("position", [one("square"), one("circle", position=["left of", 0])])
+    drawn_as = [
+        (pos, pos, "ok"),
+        (pos, corrupt(pos), "mirrored"),
+        (pos, two_squares, "wrong shapes"),
+        (pos, side, "wrong axis"),
+        (attr, attr, "ok"),
+        (attr, corrupt(attr), "swapped"),
+        (attr, corrupt(attr, "color_leak"), "leaked"),
+        (pos, geneval_record("single_object", [one("circle")]), "n objects = 1"),
+    ]
+    for rec, drawn, want in drawn_as:
+        assert mod.outcome(detect_objects(render(drawn, rng)), rec) == want, want

@@ -27,6 +27,9 @@ def test_each_corruption_is_the_fixed_one():
     assert corrupt(pos)["include"][1]["position"] == ["right of", 0]
     attr = geneval_record("color_attr", [_one("circle", color="red"), _one("square", color="blue")])
     assert [i["color"] for i in corrupt(attr)["include"]] == ["blue", "red"]
+    assert [i["color"] for i in corrupt(attr, "color_leak")["include"]] == ["red", "red"]
+    with pytest.raises(ValueError, match="does not apply"):
+        corrupt(pos, "color_leak")
     for tag in ("single_object", "colors"):  # never corrupted
         rec = make_records("geneval", "train", 6, seed=0, tags=[tag])[0]
         assert corrupt(rec) == rec
@@ -42,6 +45,9 @@ def test_corrupted_renders_fail_the_strict_score_and_clean_ones_pass():
             clean = geneval_evaluate(detect_objects(render(rec, rng)), rec)
             bad = geneval_evaluate(detect_objects(render(corrupt(rec), rng)), rec)
             assert clean.strict and not bad.strict, (tag, rec["prompt"], bad.reason)
+    for rec in make_records("geneval", "train", 12, seed=1, tags=["color_attr"]):
+        bad = geneval_evaluate(detect_objects(render(corrupt(rec, "color_leak"), rng)), rec)
+        assert not bad.strict and bad.reason.startswith(f"expected {rec['include'][1]['color']}")
     for rec in make_records("ocr", "train", 20, seed=1):
         bad = ocr_score(read_text(render(corrupt(rec), rng)), rec["text"])
         if len(set(rec["text"][-2:])) == 2:  # "AA" swapped is "AA"
@@ -58,6 +64,16 @@ def test_rates_are_the_share_of_corrupted_draws():
     assert all(drawn_record(rec, {"position": 1.0}, rng) != rec for _ in range(50))
 
 
+def test_kinds_of_one_category_are_exclusive():
+    rng = np.random.default_rng(0)
+    rec = geneval_record("color_attr", [_one("circle", color="red"), _one("square", color="blue")])
+    rates = {"color_attr": 0.2, "color_leak": 0.5, "position": 0.9}  # position: another tag
+    got = [tuple(i["color"] for i in drawn_record(rec, rates, rng)["include"]) for _ in range(4000)]
+    share = {k: np.mean([g == k for g in got]) for k in [("blue", "red"), ("red", "red")]}
+    assert abs(share[("blue", "red")] - 0.2) < 0.03 and abs(share[("red", "red")] - 0.5) < 0.03
+    assert abs(np.mean([g == ("red", "blue") for g in got]) - 0.3) < 0.03
+
+
 def test_rates_are_validated():
     assert check_rates(DEFAULT_RATES) == DEFAULT_RATES
     with pytest.raises(UserError, match="unknown caption-noise kind 'colour'"):
@@ -65,3 +81,5 @@ def test_rates_are_validated():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(UserError, match="must be in"):
             check_rates({"ocr": bad})
+    with pytest.raises(UserError, match=r"color_attr \(color_attr\+color_leak\) sum to 1.2"):
+        check_rates({"color_attr": 0.5, "color_leak": 0.7})
