@@ -1,7 +1,8 @@
 """Refactoring guard: 2-epoch GRPO and OPD runs on the embedded model give a pinned LoRA.
 
-The reference digests in ``data/equivalence.json`` were written by this test
-(``FLOWOPD_WRITE_REFERENCE=1``) before the architecture step. On the platform that wrote
+The reference digests in ``data/equivalence.json`` are written by this test
+(``FLOWOPD_WRITE_REFERENCE=1``): first before the architecture step, again when the
+embedded base changed (world v4), on code that had passed against the earlier reference. On the platform that wrote
 them (same torch version and CPU capability) the LoRA must be bitwise equal; elsewhere
 floating-point kernels differ in the last bits and two epochs of sampling amplify that, so
 each tensor's norm ``n`` must agree to ``RTOL`` (relative) and its sum to ``RTOL * sqrt(N) * n``

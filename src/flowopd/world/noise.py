@@ -52,16 +52,16 @@ NOISE_KINDS: tuple[str, ...] = (
 # the category (record tag) each kind corrupts
 KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {"color_leak": "color_attr"}
 
-# The rates of the shipped base's last stage (world v3, fixed places). Near 0.5 each
-# caption's images show the right answer about as often as the corruption, so the base
-# samples both and RL has a shared direction to shift; with CFG 3 the base still lands
+# The rates of the shipped base's last stage (world v4: colour attribution by leak). Near
+# 0.5 each caption's images show the right answer about as often as the corruption, so the
+# base samples both and RL has a shared direction to shift; with CFG 3 the base still lands
 # near the noise-free share (docs/EMBEDDED_MODEL.md gives the measurements).
 DEFAULT_RATES: dict[str, float] = {
     "counting": 0.5,
     "two_object": 0.45,
     "position": 0.45,
-    "color_attr": 0.45,
-    "color_leak": 0.0,
+    "color_attr": 0.0,
+    "color_leak": 0.5,
     "ocr": 0.5,
 }
 
