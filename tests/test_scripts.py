@@ -1,5 +1,6 @@
 """scripts/parallel_runs.py: the jobs file and the log summary (the runs themselves are
-plain ``flowopd`` commands, tested elsewhere)."""
+plain ``flowopd`` commands, tested elsewhere); scripts/failure_modes.py: the outcome of
+each kind of render."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import pytest
 from tests.conftest import REPO
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "parallel_runs", REPO / "scripts" / "parallel_runs.py"
-    )
+def _module(name: str = "parallel_runs"):
+    """Import ``scripts/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -50,11 +50,7 @@ def test_jobs_file_and_summary(tmp_path):
 
 
 def test_failure_modes_sorts_renders_of_each_outcome():
-    spec = importlib.util.spec_from_file_location(
-        "failure_modes", REPO / "scripts" / "failure_modes.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _module("failure_modes")
     import numpy as np
 
     from flowopd.rewards.toy import detect_objects
