@@ -1,12 +1,15 @@
-"""How a model fails toy-GenEval's binding categories (position, color_attr), per sample.
+"""How a model fails toy-GenEval's binding categories (position, color_attr) and toy-OCR,
+per sample.
 
 Each image of a position or colour-attribution prompt is sorted into one outcome:
-``ok`` (strictly correct); the caption-noise biases ``mirrored`` (position) and
-``swapped`` / ``leaked`` (color_attr: the colours exchanged / the second object in the
-first one's colour); and the model's own errors: ``wrong shapes`` (two objects, not the
-prompt's two shapes, e.g. two squares), ``wrong axis`` (a vertical relation drawn side by
-side or the reverse), ``first colour lost`` (the second object right, the first not),
-``other colours`` and ``n objects = k``.
+``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` (position:
+the relation reversed / drawn on the other axis, world v5's bias) and ``swapped`` /
+``leaked`` (color_attr: the colours exchanged / the second object in the first one's
+colour); and the model's own errors: ``wrong shapes`` (two objects, not the prompt's two
+shapes, e.g. two squares), ``first colour lost`` (the second object right, the first not),
+``other colours`` and ``n objects = k``. Each OCR image: ``ok``, ``cut`` (only the first
+character, world v5's bias), ``cut later`` (a correct prefix), ``transposed`` (the last
+two characters swapped, v3's bias) or ``other``.
 
     python scripts/failure_modes.py                               # the embedded base
     python scripts/failure_modes.py --lora runs/toy/nft_geneval/lora --guidance 1 --split train
@@ -48,8 +51,21 @@ def outcome(dets: list, rec: dict) -> str:
     bx, by = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
     horizontal = abs(ax - bx) > abs(ay - by)
     if horizontal != (inc[1]["position"][0] in ("left of", "right of")):
-        return "wrong axis"
+        return "turned"
     return "mirrored"
+
+
+def ocr_outcome(read: str, text: str) -> str:
+    """The outcome of one OCR image: what was read against the target ``text``."""
+    if read == text:
+        return "ok"
+    if read == text[:1]:
+        return "cut"
+    if read and text.startswith(read):
+        return "cut later"
+    if len(text) >= 2 and read == text[:-2] + text[-1] + text[-2]:
+        return "transposed"
+    return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowopd.engine.logging import quiet_libraries
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
-    from flowopd.rewards.toy import _to_numpy, detect_objects
+    from flowopd.rewards.toy import _to_numpy, detect_objects, read_text
     from flowopd.rollouts import collect_rollouts
     from flowopd.sampling import SamplerSpec
     from flowopd.world.prompts import make_records
@@ -85,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = args.guidance if args.guidance is not None else model.default_guidance_scale
     spec = SamplerSpec(args.steps, kind="ode", guidance_scale=cfg)
     print(f"{args.split} split, {args.n} prompts x {args.k}, {args.steps}-step ODE, CFG {cfg}")
-    for tag in ("position", "color_attr"):
-        recs = make_records("geneval", args.split, args.n, seed=1, tags=[tag])
+    for tag in ("position", "color_attr", "ocr"):
+        task, tags = ("ocr", None) if tag == "ocr" else ("geneval", [tag])
+        recs = make_records(task, args.split, args.n, seed=1, tags=tags)
         ro = collect_rollouts(
             model, recs, 0, args.k, spec, batch_size=64, seed=args.seed, epoch=0, record=False
         )
         counts = Counter(
-            outcome(detect_objects(img), rec)
+            ocr_outcome(read_text(img), rec["text"])
+            if tag == "ocr"
+            else outcome(detect_objects(img), rec)
             for img, rec in zip(_to_numpy(ro.images), ro.records, strict=True)
         )
         n = sum(counts.values())

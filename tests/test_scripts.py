@@ -65,12 +65,11 @@ def test_failure_modes_sorts_renders_of_each_outcome():
     pos = geneval_record("position", [one("square"), one("circle", position=["above", 0])])
     attr = geneval_record("color_attr", [one("circle", color="red"), one("square", color="blue")])
     two_squares = geneval_record("position", [one("square"), one("square", position=["above", 0])])
-    side = geneval_record("position", [one("square"), one("circle", position=["left of", 0])])
     drawn_as = [
         (pos, pos, "ok"),
         (pos, corrupt(pos), "mirrored"),
         (pos, two_squares, "wrong shapes"),
-        (pos, side, "wrong axis"),
+        (pos, corrupt(pos, "position_turn"), "turned"),
         (attr, attr, "ok"),
         (attr, corrupt(attr), "swapped"),
         (attr, corrupt(attr, "color_leak"), "leaked"),
@@ -78,3 +77,6 @@ def test_failure_modes_sorts_renders_of_each_outcome():
     ]
     for rec, drawn, want in drawn_as:
         assert mod.outcome(detect_objects(render(drawn, rng)), rec) == want, want
+    reads = {"A7C": "ok", "A": "cut", "A7": "cut later", "AC7": "transposed", "": "other"}
+    for read, want in reads.items():
+        assert mod.ocr_outcome(read, "A7C") == want, want

@@ -28,6 +28,12 @@ def test_each_corruption_is_the_fixed_one():
     attr = geneval_record("color_attr", [_one("circle", color="red"), _one("square", color="blue")])
     assert [i["color"] for i in corrupt(attr)["include"]] == ["blue", "red"]
     assert [i["color"] for i in corrupt(attr, "color_leak")["include"]] == ["red", "red"]
+    turns = {"right of": "below", "below": "right of", "left of": "above", "above": "left of"}
+    for rel, turned in turns.items():
+        rec = geneval_record("position", [_one("square"), _one("circle", position=[rel, 0])])
+        assert corrupt(rec, "position_turn")["include"][1]["position"] == [turned, 0]
+    assert corrupt(ocr_record("A7C"), "ocr_cut")["text"] == "A"
+    assert corrupt(ocr_record("47"), "ocr_cut")["text"] == "4"
     with pytest.raises(ValueError, match="does not apply"):
         corrupt(pos, "color_leak")
     for tag in ("single_object", "colors"):  # never corrupted
@@ -52,6 +58,25 @@ def test_corrupted_renders_fail_the_strict_score_and_clean_ones_pass():
         bad = ocr_score(read_text(render(corrupt(rec), rng)), rec["text"])
         if len(set(rec["text"][-2:])) == 2:  # "AA" swapped is "AA"
             assert bad <= 1 / 3 + 1e-9  # two edits: 0 for 2 characters, 1/3 for 3
+
+
+def test_the_v5_kinds_move_one_place_only():
+    """The turn moves only the placed object, the cut only blanks glyphs after the first:
+    every pixel that differs from the clean render lies in one object's cell or right of
+    the first glyph."""
+    rng = np.random.default_rng(0)
+    for rec in make_records("geneval", "train", 24, seed=1, tags=["position"]):
+        clean, bad = (detect_objects(render(r, rng)) for r in (rec, corrupt(rec, "position_turn")))
+        ref = rec["include"][0]["class"]
+        assert [d.box for d in clean if d.shape == ref] == [d.box for d in bad if d.shape == ref]
+        assert not geneval_evaluate(bad, rec).strict
+    for text in ("A7C", "47"):
+        clean, cut = (
+            render(r, rng) for r in (ocr_record(text), corrupt(ocr_record(text), "ocr_cut"))
+        )
+        cols = np.nonzero((clean != cut).any(axis=(0, 1)))[0]
+        assert cols.min() >= 4 + 6 and read_text(cut) == text[0]  # glyphs are 6 px wide
+        assert ocr_score(read_text(cut), text) == pytest.approx(1 / len(text))
 
 
 def test_rates_are_the_share_of_corrupted_draws():
@@ -83,3 +108,5 @@ def test_rates_are_validated():
             check_rates({"ocr": bad})
     with pytest.raises(UserError, match=r"color_attr \(color_attr\+color_leak\) sum to 1.2"):
         check_rates({"color_attr": 0.5, "color_leak": 0.7})
+    with pytest.raises(UserError, match=r"ocr \(ocr\+ocr_cut\) sum to 1.1"):
+        check_rates({"ocr": 0.5, "ocr_cut": 0.6})

@@ -12,7 +12,7 @@ import torch
 
 from flowopd.world.font import CHARSET, GLYPHS, text_mask, text_size
 from flowopd.world.prompts import make_records, ocr_record
-from flowopd.world.render import GAP, SIZES, draw, layout, render_batch, shape_mask
+from flowopd.world.render import GAP, SIZES, draw, draw_text, layout, render_batch, shape_mask
 from flowopd.world.spec import BACKGROUND, INK, OPPOSITE, PALETTE, relative_position
 
 
@@ -101,6 +101,23 @@ def test_places_are_fixed_and_follow_the_order_the_prompt_names_objects():
         3: [(8, 8), (24, 8), (16, 24)],
         4: [(8, 8), (24, 8), (8, 24), (24, 24)],
     }
+
+
+def test_position_pairs_keep_the_reference_in_its_corner():
+    """World v5: A (the reference) in the top-left cell for "right of" / "below", in the
+    bottom-right one for "left of" / "above"; B in the neighbouring cell the relation names."""
+    want = {"right of": ((8, 8), (24, 8)), "below": ((8, 8), (8, 24)),
+            "left of": ((24, 24), (8, 24)), "above": ((24, 24), (24, 8))}  # fmt: skip
+    for rec in make_records("geneval", "train", 48, seed=0, tags=["position"]):
+        ref, obj = layout(rec, np.random.default_rng(0))
+        centres = tuple(((x0 + x1) // 2, (y0 + y1) // 2) for x0, y0, x1, y1 in (ref.box, obj.box))
+        assert centres == want[rec["include"][1]["position"][0]], rec["prompt"]
+
+
+def test_text_is_left_aligned():
+    for text in ("A7C", "47", "A"):
+        cols = np.nonzero((draw_text(text) < 0.5).any(axis=(0, 1)))[0]
+        assert cols.min() == 4 and cols.max() == 4 + 8 * len(text) - 3
 
 
 def _count_record(n: int) -> dict:

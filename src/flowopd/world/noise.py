@@ -10,13 +10,16 @@ for a caption is the render of a *corrupted* record, in one fixed way per catego
     counting    n objects        -> n - 1 objects                  ("three circles": two)
     two_object  A and B          -> A only                          (the second is dropped)
     position    B <rel> of A     -> B <opposite rel> of A           (the relation mirrored)
+    position_turn B right of A   -> B below A (and back; left of <-> above: a quarter turn)
     color_attr  red A, blue B    -> blue A, red B                   (the colours swapped)
     color_leak  red A, blue B    -> red A, red B                    (the first colour leaks)
     ocr         "XYZ"            -> "XZY"                           (last two characters swapped)
+    ocr_cut     "XYZ"            -> "X"                             (cut after its first character)
 
-Kinds are named by their category, except ``color_leak``, a second corruption of
-``color_attr`` records (attribute leakage, the commonest binding error of real models).
-Kinds of one category are exclusive: one uniform draw picks at most one of them.
+Kinds are named by their category, except the second corruptions ``position_turn`` (a
+relation drawn on the other axis), ``color_leak`` (attribute leakage, the commonest
+binding error of real models) and ``ocr_cut`` (text cut short, as real models drop
+letters). Kinds of one category are exclusive: one uniform draw picks at most one of them.
 
 ``single_object`` and ``colors`` are never corrupted, so the base draws single objects and
 their colours right. Each corruption is one direction shared by every prompt of its
@@ -28,7 +31,11 @@ Why ``color_leak``: a small model decides each object's look per place. The swap
 both objects' colours together; at a rate near 0.5 the model learns each place's colour
 as a coin flip of its own, and half its samples give both objects one colour, an error no
 caption taught (the world v3 base: 46 % of its color_attr samples). The leak changes one
-place only, as counting and two_object do, whose biases RL removes.
+place only, as counting and two_object do, whose biases RL removes. World v5 applies the
+same rule to the last two: the turn moves only B (the renderer keeps A's cell for both
+relations of a pair), and the cut leaves the first glyph where it was (left-aligned text)
+and blanks the rest, where the transposition made the model draw either glyph at either
+place.
 """
 
 from __future__ import annotations
@@ -39,30 +46,40 @@ from collections.abc import Mapping
 import numpy as np
 
 from flowopd.errors import UserError
-from flowopd.world.spec import OPPOSITE
+from flowopd.world.spec import OPPOSITE, TURNED
 
 NOISE_KINDS: tuple[str, ...] = (
     "counting",
     "two_object",
     "position",
+    "position_turn",
     "color_attr",
     "color_leak",
     "ocr",
+    "ocr_cut",
 )
 # the category (record tag) each kind corrupts
-KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {"color_leak": "color_attr"}
+KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {
+    "position_turn": "position",
+    "color_leak": "color_attr",
+    "ocr_cut": "ocr",
+}
 
-# The rates of the shipped base's last stage (world v4: colour attribution by leak). Near
+# The rates of the shipped base's last stage (world v5: position turned, OCR cut). Near
 # 0.5 each caption's images show the right answer about as often as the corruption, so the
 # base samples both and RL has a shared direction to shift; with CFG 3 the base still lands
-# near the noise-free share (docs/EMBEDDED_MODEL.md gives the measurements).
+# near the noise-free share (docs/EMBEDDED_MODEL.md gives the measurements). The v5 rates
+# are above 0.5: CFG 3 favours the drawing with more in it (all glyphs, the object in
+# place), and at 0.55 for the cut the base read 0.743 on toy-OCR, above the 0.65 target.
 DEFAULT_RATES: dict[str, float] = {
     "counting": 0.5,
     "two_object": 0.45,
-    "position": 0.45,
+    "position": 0.0,
+    "position_turn": 0.55,
     "color_attr": 0.0,
     "color_leak": 0.5,
-    "ocr": 0.5,
+    "ocr": 0.0,
+    "ocr_cut": 0.65,
 }
 
 
@@ -100,6 +117,11 @@ def corrupt(record: dict, kind: str | None = None) -> dict:
     if kind == "color_leak":
         a, b = rec["include"]
         b["color"] = a["color"]
+    elif kind == "position_turn":
+        rel, target = rec["include"][1]["position"]
+        rec["include"][1]["position"] = [TURNED[rel], target]
+    elif kind == "ocr_cut":
+        rec["text"] = rec["text"][:1]
     elif tag == "ocr":
         t = rec["text"]
         rec["text"] = t[:-2] + t[-1] + t[-2] if len(t) >= 2 else t

@@ -8,9 +8,13 @@ taught by caption noise (``flowopd.world.noise``), not malformed shapes:
 - 2-4 objects are 12 px, in fixed slots taken in the order the prompt names them: two
   side by side in the middle row, three on the top row and the bottom centre, four in
   the 2x2 grid of 16 px cells (objects are 4 px apart);
-- a ``position`` pair takes the two places its relation names: "B left of A" puts B
-  left and A right in the middle row, "B above A" B over A in the middle column;
-- text is centred on a 4 px grid: 3 characters at x = 4, 2 at x = 8, rows 12-21.
+- a ``position`` pair takes two cells of the 2x2 grid (world v5): the reference A sits in
+  the top-left cell for "right of" and "below", in the bottom-right one for "left of" and
+  "above", and B in the cell next to it that the relation names ("B right of A": B top
+  right; "B below A": B bottom left). The two relations of a pair share A's cell, so the
+  position noise (the relation turned, ``flowopd.world.noise``) moves B alone;
+- text starts at x = 4 (left-aligned, so a shortened string keeps its first glyphs in
+  place), rows 12-21.
 
 Variety left: only the colours of objects the prompt leaves uncoloured. Fixed places make
 binding positional (the first-named object is the left one); with cells drawn at random
@@ -41,6 +45,7 @@ SIZE_MULTI = 12  # px, an object in a cell (centred in it)
 SIZES = (SIZE_MULTI, SIZE_SINGLE)
 GAP = CELL - SIZE_MULTI  # px between objects in neighbouring cells
 TEXT_ROW = 12  # px, top of the text line
+TEXT_X = 4  # px, left end of the text line
 MAX_OBJECTS = 4  # one per cell of the 2x2 grid
 
 
@@ -90,12 +95,13 @@ SLOTS: dict[int, tuple[tuple[int, int], ...]] = {
     3: ((_Q1, _Q1), (_Q3, _Q1), (_MID, _Q3)),
     4: ((_Q1, _Q1), (_Q3, _Q1), (_Q1, _Q3), (_Q3, _Q3)),
 }
-# position pairs: (reference centre, object centre) with the object `rel` of the reference
+# position pairs: (reference centre, object centre) with the object `rel` of the reference;
+# the reference keeps its corner under the quarter turn (right of <-> below, left of <-> above)
 _PAIR: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
-    "left of": ((_Q3, _MID), (_Q1, _MID)),
-    "right of": ((_Q1, _MID), (_Q3, _MID)),
-    "above": ((_MID, _Q3), (_MID, _Q1)),
-    "below": ((_MID, _Q1), (_MID, _Q3)),
+    "right of": ((_Q1, _Q1), (_Q3, _Q1)),
+    "below": ((_Q1, _Q1), (_Q1, _Q3)),
+    "left of": ((_Q3, _Q3), (_Q1, _Q3)),
+    "above": ((_Q3, _Q3), (_Q3, _Q1)),
 }
 
 
@@ -143,15 +149,15 @@ def draw(objects: list[WorldObject]) -> np.ndarray:
 
 
 def draw_text(text: str, rng: np.random.Generator | None = None) -> np.ndarray:
-    """``text`` in the bitmap font, black on white, centred: (3, 32, 32) float32.
+    """``text`` in the bitmap font, black on white, from x = ``TEXT_X``: (3, 32, 32) float32.
 
     ``rng`` is unused (the place is fixed); it is kept so every render takes one.
     """
     m = text_mask(text)
     h, w = m.shape
-    if h > IMAGE_SIZE or w > IMAGE_SIZE:
+    if h > IMAGE_SIZE or w > IMAGE_SIZE - TEXT_X:
         raise ValueError(f"text {text!r} does not fit in {IMAGE_SIZE}px")
-    y0, x0 = TEXT_ROW, 4 * ((IMAGE_SIZE - w) // 8)  # centred, on the 4 px grid
+    y0, x0 = TEXT_ROW, TEXT_X
     img = np.empty((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     img[:] = np.array(BACKGROUND, dtype=np.float32)[:, None, None]
     for ch, v in enumerate(INK):

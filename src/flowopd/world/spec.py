@@ -45,6 +45,15 @@ OPPOSITE: dict[str, str] = {
     "above": "below",
     "below": "above",
 }
+# The relation turned a quarter about the reference object (world v5's position noise):
+# with the reference in a corner cell, both relations of a pair put the object in a cell
+# next to it, so the turn moves only the object (``flowopd.world.render``).
+TURNED: dict[str, str] = {
+    "right of": "below",
+    "below": "right of",
+    "left of": "above",
+    "above": "left of",
+}
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 COUNT_RANGE = (2, 4)  # counting prompts, as GenEval (2-4 objects)
 
