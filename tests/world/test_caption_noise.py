@@ -61,9 +61,9 @@ def test_corrupted_renders_fail_the_strict_score_and_clean_ones_pass():
 
 
 def test_the_v5_kinds_move_one_place_only():
-    """The turn moves only the placed object, the cut only blanks glyphs after the first:
-    every pixel that differs from the clean render lies in one object's cell or right of
-    the first glyph."""
+    """The turn keeps the reference object's box (only the placed object moves) and fails
+    the strict score; the cut changes only columns right of the first glyph and reads as
+    that glyph."""
     rng = np.random.default_rng(0)
     for rec in make_records("geneval", "train", 24, seed=1, tags=["position"]):
         clean, bad = (detect_objects(render(r, rng)) for r in (rec, corrupt(rec, "position_turn")))
