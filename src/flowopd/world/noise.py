@@ -36,8 +36,8 @@ same rule to the last two: the turn moves only B (the renderer keeps A's cell fo
 relations of a pair), and the cut leaves the first glyph where it was (left-aligned text)
 and blanks the rest, where the transposition made the model draw either glyph at either
 place. Measured on the v5 base: the OCR failures are the cut alone, and Flow-GRPO learns
-it back; the turn still empties one cell and fills another, and a third of the position
-failures stay the model's own (one shape twice; docs/EMBEDDED_MODEL.md).
+it back; the turn still empties one cell and fills another, and 30 % of the position
+samples are the model's own error (one shape twice; docs/EMBEDDED_MODEL.md).
 """
 
 from __future__ import annotations
