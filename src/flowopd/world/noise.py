@@ -99,7 +99,10 @@ def check_rates(rates: Mapping[str, float]) -> dict[str, float]:
         total = sum(p for k, p in out.items() if KIND_TAG[k] == tag)
         if total > 1.0 + 1e-9:
             kinds = "+".join(k for k in NOISE_KINDS if KIND_TAG[k] == tag and k in out)
-            raise UserError(f"caption-noise rates of {tag} ({kinds}) sum to {total:g}; at most 1")
+            raise UserError(
+                f"caption-noise rates of {tag} ({kinds}) sum to {total:g}; at most 1 "
+                f"(unnamed kinds keep their defaults: set the others of {tag} to 0)"
+            )
     return out
 
 
@@ -116,29 +119,28 @@ def corrupt(record: dict, kind: str | None = None) -> dict:
     tag = rec.get("tag")
     if kind is not None and KIND_TAG.get(kind) != tag:
         raise ValueError(f"corruption {kind!r} does not apply to a {tag!r} record")
-    if kind == "color_leak":
-        a, b = rec["include"]
-        b["color"] = a["color"]
-    elif kind == "position_turn":
-        rel, target = rec["include"][1]["position"]
-        rec["include"][1]["position"] = [TURNED[rel], target]
-    elif kind == "ocr_cut":
-        rec["text"] = rec["text"][:1]
-    elif tag == "ocr":
-        t = rec["text"]
-        rec["text"] = t[:-2] + t[-1] + t[-2] if len(t) >= 2 else t
-    elif tag == "counting":
+    kind = kind or tag
+    if kind == "counting":
         item = rec["include"][0]
         item["count"] = max(1, int(item["count"]) - 1)
         rec.pop("exclude", None)
-    elif tag == "two_object":
+    elif kind == "two_object":
         rec["include"] = rec["include"][:1]
-    elif tag == "position":
+    elif kind in ("position", "position_turn"):
         rel, target = rec["include"][1]["position"]
-        rec["include"][1]["position"] = [OPPOSITE[rel], target]
-    elif tag == "color_attr":
+        new_rel = (OPPOSITE if kind == "position" else TURNED)[rel]
+        rec["include"][1]["position"] = [new_rel, target]
+    elif kind == "color_attr":
         a, b = rec["include"]
         a["color"], b["color"] = b["color"], a["color"]
+    elif kind == "color_leak":
+        a, b = rec["include"]
+        b["color"] = a["color"]
+    elif kind == "ocr":
+        t = rec["text"]
+        rec["text"] = t[:-2] + t[-1] + t[-2] if len(t) >= 2 else t
+    elif kind == "ocr_cut":
+        rec["text"] = rec["text"][:1]
     return rec
 
 
