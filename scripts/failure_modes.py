@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowopd.engine.logging import quiet_libraries
     from flowopd.models import load_model
     from flowopd.paths import resolve_model_path
-    from flowopd.rewards.toy import _to_numpy, detect_objects, read_text
+    from flowopd.rewards.toy import detect_objects, images_to_numpy, read_text
     from flowopd.rollouts import collect_rollouts
     from flowopd.sampling import SamplerSpec
     from flowopd.world.prompts import make_records
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ocr_outcome(read_text(img), rec["text"])
             if tag == "ocr"
             else outcome(detect_objects(img), rec)
-            for img, rec in zip(_to_numpy(ro.images), ro.records, strict=True)
+            for img, rec in zip(images_to_numpy(ro.images), ro.records, strict=True)
         )
         n = sum(counts.values())
         print(f"{tag:11s} " + ", ".join(f"{k} {v / n:.2f}" for k, v in counts.most_common()))

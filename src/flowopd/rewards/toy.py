@@ -58,7 +58,7 @@ class Detection:
     area: int
 
 
-def _to_numpy(images: Tensor) -> np.ndarray:
+def images_to_numpy(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) tensor of any dtype/device -> float32 numpy in [0, 1]."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -213,7 +213,7 @@ def _position_ok(
 
 
 def _geneval_batch(images: Tensor, metadata: list[dict]) -> list[GenevalResult]:
-    arr = _to_numpy(images)
+    arr = images_to_numpy(images)
     if len(metadata) != len(arr):
         raise ValueError(f"{len(arr)} images but {len(metadata)} metadata records")
     for m in metadata:
@@ -346,7 +346,7 @@ def ocr_score(read: str, target: str) -> float:
 
 def toy_ocr_reward(images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
     """OCR reward in [0, 1] for each image vs its prompt's quoted text, shape (B,)."""
-    arr = _to_numpy(images)
+    arr = images_to_numpy(images)
     if len(prompts) != len(arr):
         raise ValueError(f"{len(arr)} images but {len(prompts)} prompts")
     metas = metadata if metadata is not None else [{}] * len(arr)
