@@ -2,8 +2,9 @@
 per sample.
 
 Each image of a position or colour-attribution prompt is sorted into one outcome:
-``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` (position:
-the relation reversed / drawn on the other axis, world v5's bias) and ``swapped`` /
+``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``side by
+side`` (position: the relation reversed / drawn on the other axis, world v5's bias / the
+pair in the two-object row, the relation ignored) and ``swapped`` /
 ``leaked`` (color_attr: the colours exchanged / the second object in the first one's
 colour); and the model's own errors: ``wrong shapes`` (two objects, not the prompt's two
 shapes, e.g. two squares), ``first colour lost`` (the second object right, the first not),
@@ -50,6 +51,8 @@ def outcome(dets: list, rec: dict) -> str:
     ax, ay = (a.box[0] + a.box[2]) / 2, (a.box[1] + a.box[3]) / 2
     bx, by = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
     horizontal = abs(ax - bx) > abs(ay - by)
+    if horizontal and max(abs(ay - 16), abs(by - 16)) <= 2:  # the two-object row (y = 16)
+        return "side by side"
     if horizontal != (inc[1]["position"][0] in ("left of", "right of")):
         return "turned"
     return "mirrored"

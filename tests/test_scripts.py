@@ -70,6 +70,7 @@ def test_failure_modes_sorts_renders_of_each_outcome():
         (pos, corrupt(pos), "mirrored"),
         (pos, two_squares, "wrong shapes"),
         (pos, corrupt(pos, "position_turn"), "turned"),
+        (pos, corrupt(pos, "position_ignored"), "side by side"),
         (attr, attr, "ok"),
         (attr, corrupt(attr), "swapped"),
         (attr, corrupt(attr, "color_leak"), "leaked"),

@@ -93,3 +93,19 @@ def test_tag_weights_change_each_categorys_share_of_a_batch():
         parse_tag_weights("position=1.5")
     with pytest.raises(UserError, match="every tag has weight 0"):
         parse_tag_weights(",".join(f"{t}=0" for t in GENEVAL_TAGS))
+
+
+def test_captions_all_reach_the_test_split_and_train_never_does():
+    from flowopd.world.prompts import make_records
+
+    def prompts(split: str) -> set[str]:
+        return {r["prompt"] for t in ("geneval", "ocr") for r in make_records(t, split, 3000)}
+
+    test_prompts = prompts("test") - prompts("train")  # small spaces are in both splits
+    seen = {"train": set(), "all": set()}
+    for captions in seen:
+        cfg = PretrainConfig(batch_size=64, ocr_fraction=0.35, captions=captions)
+        for step in range(6):
+            seen[captions] |= set(world_batch(cfg, step)[0])
+    assert not seen["train"] & test_prompts
+    assert len(seen["all"] & test_prompts) > 20

@@ -69,6 +69,17 @@ def test_splits_disjoint_where_the_space_allows(tag):
         assert train == test == set(space)
 
 
+def test_the_all_split_spans_train_and_test():
+    """``"all"`` (pretraining's captions with ``--captions all``) is the whole space; the
+    records drawn from it reach the test split's prompts."""
+    space = [r["prompt"] for r in geneval_space("position")]
+    assert split_space(space, "all") == space
+    drawn = {r["prompt"] for r in make_records("geneval", "all", 400, seed=0, tags=["position"])}
+    assert drawn == set(space) and drawn & set(split_space(space, "test"))
+    with pytest.raises(UserError, match="all"):
+        make_records("geneval", "val", 4)
+
+
 def test_train_split_covers_every_attribute():
     # held-out combinations are compositional: each part still appears in training
     train = make_records("geneval", "train", 600, seed=0)

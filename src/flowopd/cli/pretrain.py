@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--tag-weights", default=None, metavar="TAG=W,...",
                    help="GenEval categories' integer weights per batch, e.g. position=2,"
                         "color_attr=2 (unnamed tags weigh 1; default: all equal)")  # fmt: skip
+    p.add_argument("--captions", choices=["train", "all"], default="train",
+                   help="world split the captions come from: train (default) or all (the test "
+                        "split's compositions too; evaluation keeps to the test split)")  # fmt: skip
     p.add_argument("--num-layers", type=number(int, 1), default=None,
                    help="MMDiT layers of a new model (default: the embedded architecture's 4)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.tag_weights = parse_tag_weights(args.tag_weights)
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    cfg.device, cfg.workers = args.device, args.workers
+    cfg.device, cfg.workers, cfg.captions = args.device, args.workers, args.captions
     if args.num_layers is not None:
         if args.num_layers < 1:
             raise UserError(f"--num-layers must be >= 1, got {args.num_layers}")

@@ -76,6 +76,9 @@ class PretrainConfig:
     # GenEval categories' relative shares in each batch, {tag: integer weight}; unnamed
     # tags weigh 1, 0 leaves a tag out; {} draws every tag equally
     tag_weights: dict[str, int] = field(default_factory=dict)
+    # captions from the world's "train" split, or "all" of it (test compositions too: web data
+    # shows a real base every composition; post-training and evaluation keep to their split)
+    captions: str = "train"
     device: str = "cpu"
     workers: int = 0  # data-rendering processes (0: render in the training process)
     arch: TinySD3Config = field(default_factory=lambda: EMBEDDED_ARCH)
@@ -85,7 +88,7 @@ def world_batch(cfg: PretrainConfig, step: int) -> tuple[list[str], torch.Tensor
     """Batch ``step``: captions and the images drawn for them, (B, 3, 32, 32) in [-1, 1].
 
     Depends only on ``(cfg.seed, step)`` and the config: captions come from the world's
-    train split, the images from the caption-noised records (``drawn_record``).
+    ``cfg.captions`` split, the images from the caption-noised records (``drawn_record``).
     """
     from flowopd.world.noise import drawn_record
     from flowopd.world.prompts import make_records
@@ -93,9 +96,9 @@ def world_batch(cfg: PretrainConfig, step: int) -> tuple[list[str], torch.Tensor
 
     n_ocr = round(cfg.batch_size * cfg.ocr_fraction)
     seed = cfg.seed * 1_000_003 + step
-    recs = make_records("geneval", "train", cfg.batch_size - n_ocr, seed=seed,
+    recs = make_records("geneval", cfg.captions, cfg.batch_size - n_ocr, seed=seed,
                         tags=weighted_tags(cfg.tag_weights))  # fmt: skip
-    recs += make_records("ocr", "train", n_ocr, seed=seed)
+    recs += make_records("ocr", cfg.captions, n_ocr, seed=seed)
     rng = np.random.default_rng([cfg.seed, step, 7])
     drawn = [drawn_record(r, cfg.caption_noise, rng) for r in recs]
     x0 = render_batch(drawn, seed=cfg.seed * 7_919 + step) * 2 - 1

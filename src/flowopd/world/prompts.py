@@ -43,6 +43,9 @@ from flowopd.world.spec import (
 
 TASKS: tuple[str, ...] = ("geneval", "ocr")
 SPLITS: tuple[str, ...] = ("train", "test")
+# pretraining's captions may span the whole space: web data shows a real base every
+# composition, while post-training and evaluation keep to their own split
+ALL = "all"
 OCR_LENGTHS = (2, 3)
 OCR_TEMPLATE = 'a sign that says "{text}"'
 
@@ -143,11 +146,12 @@ def ocr_space() -> tuple[str, ...]:
 def split_space(items: Sequence, split: str) -> list:
     """The part of a prompt space belonging to ``split`` (fixed, seed-independent).
 
-    Spaces with fewer than 10 items are returned whole for both splits.
+    Spaces with fewer than 10 items are returned whole for both splits; ``"all"`` returns
+    every item.
     """
-    if split not in SPLITS:
-        raise unknown("split", split, SPLITS)
-    if len(items) < _MIN_SPLIT_POOL:
+    if split not in (*SPLITS, ALL):
+        raise unknown("split", split, (*SPLITS, ALL))
+    if split == ALL or len(items) < _MIN_SPLIT_POOL:
         return list(items)
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(items))
     n_test = round(_TEST_FRACTION * len(items))
@@ -172,7 +176,8 @@ def _cycle(pool: Sequence, rng: np.random.Generator) -> Iterator:
 def make_records(
     task: str, split: str, n: int, seed: int = 0, tags: Sequence[str] | None = None
 ) -> list[dict]:
-    """``n`` records of ``task`` ("geneval" | "ocr") from ``split``, deterministic in ``seed``.
+    """``n`` records of ``task`` ("geneval" | "ocr") from ``split`` ("train" | "test" |
+    "all"), deterministic in ``seed``.
 
     GenEval tags are balanced: records come in rounds of one per tag (in a random order
     per round); within a tag, prompts are drawn without replacement until its split is
@@ -182,8 +187,8 @@ def make_records(
         raise unknown("task", task, TASKS)
     if n < 0:
         raise UserError(f"--n must be >= 0, got {n}")
-    if split not in SPLITS:
-        raise unknown("split", split, SPLITS)
+    if split not in (*SPLITS, ALL):
+        raise unknown("split", split, (*SPLITS, ALL))
     rng = np.random.default_rng(seed)
     if task == "ocr":
         words = _cycle(_split_of("ocr", split), rng)
