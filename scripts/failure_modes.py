@@ -14,6 +14,7 @@ two characters swapped, v3's bias) or ``other``.
 
     python scripts/failure_modes.py                               # the embedded base
     python scripts/failure_modes.py --lora runs/toy/nft_geneval/lora --guidance 1 --split train
+    python scripts/failure_modes.py --per-prompt --n 24 --k 8     # each prompt's outcomes too
 
 Measured on the world v3 base (48 test prompts x 4, 40-step ODE, CFG 3.0): position ok
 0.20, mirrored 0.39, wrong shapes 0.41; color_attr ok 0.23, swapped 0.27, one colour for
@@ -23,7 +24,7 @@ both 0.46 (docs/EMBEDDED_MODEL.md).
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=number(int, 1), default=48, help="prompts per category")
     p.add_argument("--k", type=number(int, 1), default=4, help="images per prompt")
     p.add_argument("--seed", type=number(int, 0), default=3)
+    p.add_argument("--per-prompt", action="store_true",
+                   help="also print each prompt's outcomes (position and color_attr)")  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
@@ -110,14 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         ro = collect_rollouts(
             model, recs, 0, args.k, spec, batch_size=64, seed=args.seed, epoch=0, record=False
         )
-        counts = Counter(
-            ocr_outcome(read_text(img), rec["text"])
-            if tag == "ocr"
-            else outcome(detect_objects(img), rec)
-            for img, rec in zip(images_to_numpy(ro.images), ro.records, strict=True)
-        )
+        per_prompt: dict[str, Counter] = defaultdict(Counter)
+        for img, rec in zip(images_to_numpy(ro.images), ro.records, strict=True):
+            out = (
+                ocr_outcome(read_text(img), rec["text"])
+                if tag == "ocr"
+                else outcome(detect_objects(img), rec)
+            )
+            per_prompt[rec["prompt"]][out] += 1
+        counts = sum(per_prompt.values(), Counter())
         n = sum(counts.values())
         print(f"{tag:11s} " + ", ".join(f"{k} {v / n:.2f}" for k, v in counts.most_common()))
+        if args.per_prompt and tag != "ocr":
+            for prompt, c in sorted(per_prompt.items()):
+                print(f"  {prompt:40s} " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -81,3 +82,21 @@ def test_failure_modes_sorts_renders_of_each_outcome():
     reads = {"A7C": "ok", "A": "cut", "A7": "cut later", "AC7": "transposed", "": "other"}
     for read, want in reads.items():
         assert mod.ocr_outcome(read, "A7C") == want, want
+
+
+def test_failure_modes_prints_shares_and_each_prompts_outcomes(capsys):
+    """End to end on the embedded base (2 prompts x 2 images per category, 2 steps: the
+    outcomes are whatever the model draws; the counts must add up)."""
+    mod = _module("failure_modes")
+    assert mod.main(["--n", "2", "--k", "2", "--steps", "2", "--per-prompt"]) == 0
+    images: dict[str, int] = {}
+    tag = ""
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        if line.startswith("  "):  # a prompt of the category above: "  PROMPT outcome n, ..."
+            images[tag] += sum(int(n) for n in re.findall(r" (\d+)(?=,|$)", line))
+        else:
+            tag = line.split()[0]
+            shares = [float(x) for x in re.findall(r" (\d\.\d\d)(?=,|$)", line)]
+            assert sum(shares) == pytest.approx(1.0, abs=0.03), line
+            images[tag] = 0
+    assert images == {"position": 4, "color_attr": 4, "ocr": 0}  # no per-prompt lines for OCR
