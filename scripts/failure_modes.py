@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def outcome(dets: list, rec: dict) -> str:
     """The outcome of one image's detections against a position / color_attr record."""
     from flowopd.rewards.toy import geneval_evaluate
+    from flowopd.world.spec import IMAGE_SIZE
 
     if geneval_evaluate(dets, rec).strict:
         return "ok"
@@ -52,7 +53,8 @@ def outcome(dets: list, rec: dict) -> str:
     ax, ay = (a.box[0] + a.box[2]) / 2, (a.box[1] + a.box[3]) / 2
     bx, by = (b.box[0] + b.box[2]) / 2, (b.box[1] + b.box[3]) / 2
     horizontal = abs(ax - bx) > abs(ay - by)
-    if horizontal and max(abs(ay - 16), abs(by - 16)) <= 2:  # the two-object row (y = 16)
+    row = IMAGE_SIZE / 2  # the two-object row's centre line
+    if horizontal and max(abs(ay - row), abs(by - row)) <= 2:
         return "side by side"
     if horizontal != (inc[1]["position"][0] in ("left of", "right of")):
         return "turned"
