@@ -4,7 +4,8 @@ per sample.
 Each image of a position or colour-attribution prompt is sorted into one outcome:
 ``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``side by
 side`` (position: the relation reversed / drawn on the other axis, world v5's bias / the
-pair in the two-object row, the relation ignored) and ``swapped`` /
+pair in the two-object row, the relation ignored), ``placed one left out`` (position: the
+reference alone) and ``swapped`` /
 ``leaked`` (color_attr: the colours exchanged / the second object in the first one's
 colour); and the model's own errors: ``wrong shapes`` (two objects, not the prompt's two
 shapes, e.g. two squares), ``first colour lost`` (the second object right, the first not),
@@ -37,6 +38,8 @@ def outcome(dets: list, rec: dict) -> str:
     if geneval_evaluate(dets, rec).strict:
         return "ok"
     inc = rec["include"]
+    if rec["tag"] == "position" and [d.shape for d in dets] == [inc[0]["class"]]:
+        return "placed one left out"
     if len(dets) != 2:
         return f"n objects = {len(dets)}"
     if sorted(d.shape for d in dets) != sorted(i["class"] for i in inc):

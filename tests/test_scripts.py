@@ -72,6 +72,7 @@ def test_failure_modes_sorts_renders_of_each_outcome():
         (pos, two_squares, "wrong shapes"),
         (pos, corrupt(pos, "position_turn"), "turned"),
         (pos, corrupt(pos, "position_ignored"), "side by side"),
+        (pos, corrupt(pos, "position_drop"), "placed one left out"),
         (attr, attr, "ok"),
         (attr, corrupt(attr), "swapped"),
         (attr, corrupt(attr, "color_leak"), "leaked"),

@@ -99,6 +99,21 @@ def test_ignored_relation_draws_the_pair_side_by_side_in_the_named_order():
     assert corrupt(two) == {**two, "include": two["include"][:1]}  # two_object untouched
 
 
+def test_dropped_object_leaves_the_reference_alone_in_its_corner_cell():
+    """``position_drop``: B is left out; A keeps the box it has in the clean render (a
+    corner cell, not the centred single-object place), so only B's cell changes."""
+    rng = np.random.default_rng(0)
+    for rec in make_records("geneval", "all", 24, seed=1, tags=["position"]):
+        clean, bad = (detect_objects(render(r, rng)) for r in (rec, corrupt(rec, "position_drop")))
+        ref = rec["include"][0]["class"]
+        assert [(d.shape, d.box) for d in bad] == [
+            (d.shape, d.box) for d in clean if d.shape == ref
+        ]
+        assert bad[0].box[2] - bad[0].box[0] == 12 and bad[0].box[0] in (2, 18)
+        assert not geneval_evaluate(bad, rec).strict
+        assert "hidden" not in rec["include"][1]  # the input is not mutated
+
+
 def test_rates_are_the_share_of_corrupted_draws():
     rng = np.random.default_rng(0)
     rec = geneval_record("position", [_one("square"), _one("circle", position=["above", 0])])

@@ -133,7 +133,12 @@ def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
         boxes = [_box(_MID, _MID, SIZE_SINGLE)]
     else:
         boxes = [_box(*c) for c in SLOTS[len(objs)]]
-    return [WorldObject(shape, color, box) for (shape, color), box in zip(objs, boxes, strict=True)]
+    hidden = [bool(item.get("hidden")) for item in items for _ in range(int(item["count"]))]
+    return [
+        WorldObject(shape, color, box)
+        for (shape, color), box, skip in zip(objs, boxes, hidden, strict=True)
+        if not skip
+    ]
 
 
 def draw(objects: list[WorldObject]) -> np.ndarray:
