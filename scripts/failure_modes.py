@@ -2,10 +2,10 @@
 per sample.
 
 Each image of a position or colour-attribution prompt is sorted into one outcome:
-``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``side by
-side`` (position: the relation reversed / drawn on the other axis, world v5's bias / the
-pair in the two-object row, the relation ignored), ``placed one left out`` (position: the
-reference alone) and ``swapped`` /
+``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``placed
+one left out`` (position: the relation reversed / drawn on the other axis, world v5's bias /
+the reference alone, world v6's bias), ``side by side`` (the pair in the two-object row, the
+relation ignored) and ``swapped`` /
 ``leaked`` (color_attr: the colours exchanged / the second object in the first one's
 colour); and the model's own errors: ``wrong shapes`` (two objects, not the prompt's two
 shapes, e.g. two squares), ``first colour lost`` (the second object right, the first not),

@@ -71,7 +71,7 @@ def test_failure_modes_sorts_renders_of_each_outcome():
         (pos, corrupt(pos), "mirrored"),
         (pos, two_squares, "wrong shapes"),
         (pos, corrupt(pos, "position_turn"), "turned"),
-        (pos, corrupt(pos, "position_ignored"), "side by side"),
+        (pos, geneval_record("two_object", [one("circle"), one("square")]), "side by side"),
         (pos, corrupt(pos, "position_drop"), "placed one left out"),
         (attr, attr, "ok"),
         (attr, corrupt(attr), "swapped"),

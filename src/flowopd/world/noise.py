@@ -11,7 +11,6 @@ for a caption is the render of a *corrupted* record, in one fixed way per catego
     two_object  A and B          -> A only                          (the second is dropped)
     position    B <rel> of A     -> B <opposite rel> of A           (the relation mirrored)
     position_turn B right of A   -> B below A (and back; left of <-> above: a quarter turn)
-    position_ignored B rel of A  -> B and A side by side, in the order named (the relation ignored)
     position_drop B rel of A     -> A alone, in its corner cell     (the placed object left out)
     color_attr  red A, blue B    -> blue A, red B                   (the colours swapped)
     color_leak  red A, blue B    -> red A, red B                    (the first colour leaks)
@@ -19,9 +18,7 @@ for a caption is the render of a *corrupted* record, in one fixed way per catego
     ocr_cut     "XYZ"            -> "X"                             (cut after its first character)
 
 Kinds are named by their category, except the second corruptions ``position_turn`` (a
-relation drawn on the other axis), ``position_ignored`` (the pair drawn as a two-object
-prompt's, first-named on the left, as real models draw a pair whose relation they did not
-follow; right for "left of", wrong for the other three relations), ``position_drop`` (the
+relation drawn on the other axis), ``position_drop`` (the
 placed object B left out and the reference A kept in its corner cell: a presence error,
 as ``two_object``'s, in a layout no other category uses), ``color_leak`` (attribute leakage, the commonest
 binding error of real models) and ``ocr_cut`` (text cut short, as real models drop
@@ -61,7 +58,6 @@ NOISE_KINDS: tuple[str, ...] = (
     "two_object",
     "position",
     "position_turn",
-    "position_ignored",
     "position_drop",
     "color_attr",
     "color_leak",
@@ -71,7 +67,6 @@ NOISE_KINDS: tuple[str, ...] = (
 # the category (record tag) each kind corrupts
 KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {
     "position_turn": "position",
-    "position_ignored": "position",
     "position_drop": "position",
     "color_leak": "color_attr",
     "ocr_cut": "ocr",
@@ -88,7 +83,6 @@ DEFAULT_RATES: dict[str, float] = {
     "two_object": 0.45,
     "position": 0.0,
     "position_turn": 0.55,
-    "position_ignored": 0.0,
     "position_drop": 0.0,
     "color_attr": 0.0,
     "color_leak": 0.5,
@@ -142,10 +136,6 @@ def corrupt(record: dict, kind: str | None = None) -> dict:
         rel, target = rec["include"][1]["position"]
         new_rel = (OPPOSITE if kind == "position" else TURNED)[rel]
         rec["include"][1]["position"] = [new_rel, target]
-    elif kind == "position_ignored":
-        a, b = rec["include"]  # the prompt names b first: "a photo of a B right of an A"
-        b.pop("position")
-        rec["include"] = [b, a]
     elif kind == "position_drop":
         rec["include"][1]["hidden"] = True  # placed as the relation says, then not drawn
     elif kind == "color_attr":
