@@ -1,8 +1,9 @@
-"""How a model fails toy-GenEval's binding categories (position, color_attr) and toy-OCR,
-per sample.
+"""How a model fails toy-GenEval's counting and binding categories (position, color_attr)
+and toy-OCR, per sample.
 
-Each image of a position or colour-attribution prompt is sorted into one outcome:
-``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``placed
+Each image of a counting prompt is sorted into ``ok``, ``one fewer`` (the caption-noise
+bias: n - 1 objects of the class) or ``n objects = k``. Each image of a position or
+colour-attribution prompt into one outcome: ``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``placed
 one left out`` (position: the relation reversed / drawn on the other axis, world v5's bias /
 the reference alone, world v6's bias), ``side by side`` (the pair in the two-object row, the
 relation ignored) and ``swapped`` /
@@ -38,6 +39,10 @@ def outcome(dets: list, rec: dict) -> str:
     if geneval_evaluate(dets, rec).strict:
         return "ok"
     inc = rec["include"]
+    if rec["tag"] == "counting":
+        n = int(inc[0]["count"])
+        same = all(d.shape == inc[0]["class"] for d in dets)
+        return "one fewer" if same and len(dets) == n - 1 else f"n objects = {len(dets)}"
     if rec["tag"] == "position" and [d.shape for d in dets] == [inc[0]["class"]]:
         return "placed one left out"
     if len(dets) != 2:
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=number(int, 1), default=4, help="images per prompt")
     p.add_argument("--seed", type=number(int, 0), default=3)
     p.add_argument("--per-prompt", action="store_true",
-                   help="also print each prompt's outcomes (position and color_attr)")  # fmt: skip
+                   help="also print each prompt's outcomes (GenEval categories)")  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = args.guidance if args.guidance is not None else model.default_guidance_scale
     spec = SamplerSpec(args.steps, kind="ode", guidance_scale=cfg)
     print(f"{args.split} split, {args.n} prompts x {args.k}, {args.steps}-step ODE, CFG {cfg}")
-    for tag in ("position", "color_attr", "ocr"):
+    for tag in ("counting", "position", "color_attr", "ocr"):
         task, tags = ("ocr", None) if tag == "ocr" else ("geneval", [tag])
         recs = make_records(task, args.split, args.n, seed=1, tags=tags)
         ro = collect_rollouts(

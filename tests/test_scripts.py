@@ -80,6 +80,9 @@ def test_failure_modes_sorts_renders_of_each_outcome():
     ]
     for rec, drawn, want in drawn_as:
         assert mod.outcome(detect_objects(render(drawn, rng)), rec) == want, want
+    three = geneval_record("counting", [{"class": "circle", "count": 3}])
+    for drawn, want in [(three, "ok"), (corrupt(three), "one fewer"), (pos, "n objects = 2")]:
+        assert mod.outcome(detect_objects(render(drawn, rng)), three) == want, want
     reads = {"A7C": "ok", "A": "cut", "A7": "cut later", "AC7": "transposed", "": "other"}
     for read, want in reads.items():
         assert mod.ocr_outcome(read, "A7C") == want, want
@@ -100,4 +103,4 @@ def test_failure_modes_prints_shares_and_each_prompts_outcomes(capsys):
             shares = [float(x) for x in re.findall(r" (\d\.\d\d)(?=,|$)", line)]
             assert sum(shares) == pytest.approx(1.0, abs=0.03), line
             images[tag] = 0
-    assert images == {"position": 4, "color_attr": 4, "ocr": 0}  # no per-prompt lines for OCR
+    assert images == {"counting": 4, "position": 4, "color_attr": 4, "ocr": 0}  # none for OCR
