@@ -91,7 +91,25 @@ def test_dropped_object_leaves_the_reference_alone_in_its_corner_cell():
         ]
         assert bad[0].box[2] - bad[0].box[0] == 12 and bad[0].box[0] in (2, 18)
         assert not geneval_evaluate(bad, rec).strict
-        assert "hidden" not in rec["include"][1]  # the input is not mutated
+        assert "hide_last" not in rec  # the input is not mutated
+
+
+def test_count_one_short_keeps_the_others_in_the_layout_of_n():
+    """``counting_last``: n - 1 objects in the first n - 1 slots of the n-object layout (the
+    wrong "three" is two on the top row, not the two-object row), failing the strict score."""
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4):
+        rec = geneval_record("counting", [{"class": "circle", "count": n}])
+        clean, bad = (
+            sorted(d.box for d in detect_objects(render(r, rng)))
+            for r in (rec, corrupt(rec, "counting_last"))
+        )
+        assert len(bad) == n - 1 and set(bad) < set(clean)
+        short = geneval_record("counting", [{"class": "circle", "count": n - 1}])
+        assert bad != sorted(d.box for d in detect_objects(render(short, rng)))
+        assert not geneval_evaluate(
+            detect_objects(render(corrupt(rec, "counting_last"), rng)), rec
+        ).strict
 
 
 def test_rates_are_the_share_of_corrupted_draws():

@@ -8,6 +8,7 @@ world reproduces that during pretraining: with probability ``rates[kind]`` the i
 for a caption is the render of a *corrupted* record, in one fixed way per category:
 
     counting    n objects        -> n - 1 objects                  ("three circles": two)
+    counting_last n objects      -> the n-object layout, its last slot empty
     two_object  A and B          -> A only                          (the second is dropped)
     position    B <rel> of A     -> B <opposite rel> of A           (the relation mirrored)
     position_turn B right of A   -> B below A (and back; left of <-> above: a quarter turn)
@@ -17,7 +18,10 @@ for a caption is the render of a *corrupted* record, in one fixed way per catego
     ocr         "XYZ"            -> "XZY"                           (last two characters swapped)
     ocr_cut     "XYZ"            -> "X"                             (cut after its first character)
 
-Kinds are named by their category, except the second corruptions ``position_turn`` (a
+Kinds are named by their category, except the second corruptions ``counting_last`` (the
+count one short as ``counting``, but the others keep their places in the layout of n, so the
+wrong image of "three" is not the right one of "two": on the v6 candidates Flow-GRPO fixed
+"two" and "four" and locked "three" onto the two-object row), ``position_turn`` (a
 relation drawn on the other axis), ``position_drop`` (the
 placed object B left out and the reference A kept in its corner cell: a presence error,
 as ``two_object``'s, in a layout no other category uses), ``color_leak`` (attribute leakage, the commonest
@@ -55,6 +59,7 @@ from flowopd.world.spec import OPPOSITE, TURNED
 
 NOISE_KINDS: tuple[str, ...] = (
     "counting",
+    "counting_last",
     "two_object",
     "position",
     "position_turn",
@@ -66,6 +71,7 @@ NOISE_KINDS: tuple[str, ...] = (
 )
 # the category (record tag) each kind corrupts
 KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {
+    "counting_last": "counting",
     "position_turn": "position",
     "position_drop": "position",
     "color_leak": "color_attr",
@@ -80,6 +86,7 @@ KIND_TAG: dict[str, str] = {k: k for k in NOISE_KINDS} | {
 # place), and at 0.55 for the cut the base read 0.743 on toy-OCR, above the 0.65 target.
 DEFAULT_RATES: dict[str, float] = {
     "counting": 0.5,
+    "counting_last": 0.0,
     "two_object": 0.45,
     "position": 0.0,
     "position_turn": 0.55,
@@ -137,7 +144,10 @@ def corrupt(record: dict, kind: str | None = None) -> dict:
         new_rel = (OPPOSITE if kind == "position" else TURNED)[rel]
         rec["include"][1]["position"] = [new_rel, target]
     elif kind == "position_drop":
-        rec["include"][1]["hidden"] = True  # placed as the relation says, then not drawn
+        rec["hide_last"] = 1  # B placed as the relation says, then not drawn
+    elif kind == "counting_last":
+        rec["hide_last"] = 1  # n placed in the n-object slots, the last not drawn
+        rec.pop("exclude", None)
     elif kind == "color_attr":
         a, b = rec["include"]
         a["color"], b["color"] = b["color"], a["color"]

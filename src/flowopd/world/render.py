@@ -133,12 +133,8 @@ def layout(record: dict, rng: np.random.Generator) -> list[WorldObject]:
         boxes = [_box(_MID, _MID, SIZE_SINGLE)]
     else:
         boxes = [_box(*c) for c in SLOTS[len(objs)]]
-    hidden = [bool(item.get("hidden")) for item in items for _ in range(int(item["count"]))]
-    return [
-        WorldObject(shape, color, box)
-        for (shape, color), box, skip in zip(objs, boxes, hidden, strict=True)
-        if not skip
-    ]
+    drawn = [WorldObject(s, c, box) for (s, c), box in zip(objs, boxes, strict=True)]
+    return drawn[: len(drawn) - int(record.get("hide_last", 0))]
 
 
 def draw(objects: list[WorldObject]) -> np.ndarray:
