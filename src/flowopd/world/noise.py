@@ -21,12 +21,11 @@ for a caption is the render of a *corrupted* record, in one fixed way per catego
 Kinds are named by their category, except the second corruptions ``counting_last`` (the
 count one short as ``counting``, but the others keep their places in the layout of n, so the
 wrong image of "three" is not the right one of "two": on the v6 candidates Flow-GRPO fixed
-"two" and "four" and locked "three" onto the two-object row), ``position_turn`` (a
-relation drawn on the other axis), ``position_drop`` (the
-placed object B left out and the reference A kept in its corner cell: a presence error,
-as ``two_object``'s, in a layout no other category uses), ``color_leak`` (attribute leakage, the commonest
-binding error of real models) and ``ocr_cut`` (text cut short, as real models drop
-letters). Kinds of one category are exclusive: one uniform draw picks at most one of them.
+"two" and "four" and locked "three" onto the two-object row), ``position_turn`` (a relation
+drawn on the other axis), ``position_drop`` (the placed object B left out and the reference
+A kept in its corner cell: a presence error, as ``two_object``'s, in a layout no other
+category uses), ``color_leak`` (attribute leakage, the commonest binding error of real
+models) and ``ocr_cut`` (text cut short, as real models drop letters). Kinds of one category are exclusive: one uniform draw picks at most one of them.
 
 ``single_object`` and ``colors`` are never corrupted, so the base draws single objects and
 their colours right. Each corruption is one direction shared by every prompt of its
