@@ -3,10 +3,10 @@ and toy-OCR, per sample.
 
 Each image of a counting prompt is sorted into ``ok``, ``one fewer`` (the caption-noise
 bias: n - 1 objects of the class) or ``n objects = k``. Each image of a position or
-colour-attribution prompt into one outcome: ``ok`` (strictly correct); the caption-noise biases ``mirrored`` / ``turned`` / ``placed
-one left out`` (position: the relation reversed / drawn on the other axis, world v5's bias /
-the reference alone, world v6's bias), ``side by side`` (the pair in the two-object row, the
-relation ignored) and ``swapped`` /
+colour-attribution prompt into one outcome: ``ok`` (strictly correct); the caption-noise
+biases ``mirrored`` / ``turned`` / ``placed one left out`` (position: the relation reversed
+/ drawn on the other axis, world v5's bias / the reference alone, world v6's bias), ``side
+by side`` (the pair in the two-object row, the relation ignored) and ``swapped`` /
 ``leaked`` (color_attr: the colours exchanged / the second object in the first one's
 colour); and the model's own errors: ``wrong shapes`` (two objects, not the prompt's two
 shapes, e.g. two squares), ``first colour lost`` (the second object right, the first not),

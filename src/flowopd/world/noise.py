@@ -25,7 +25,8 @@ wrong image of "three" is not the right one of "two": on the v6 candidates Flow-
 drawn on the other axis), ``position_drop`` (the placed object B left out and the reference
 A kept in its corner cell: a presence error, as ``two_object``'s, in a layout no other
 category uses), ``color_leak`` (attribute leakage, the commonest binding error of real
-models) and ``ocr_cut`` (text cut short, as real models drop letters). Kinds of one category are exclusive: one uniform draw picks at most one of them.
+models) and ``ocr_cut`` (text cut short, as real models drop letters). Kinds of one
+category are exclusive: one uniform draw picks at most one of them.
 
 ``single_object`` and ``colors`` are never corrupted, so the base draws single objects and
 their colours right. Each corruption is one direction shared by every prompt of its
@@ -142,10 +143,10 @@ def corrupt(record: dict, kind: str | None = None) -> dict:
         rel, target = rec["include"][1]["position"]
         new_rel = (OPPOSITE if kind == "position" else TURNED)[rel]
         rec["include"][1]["position"] = [new_rel, target]
-    elif kind == "position_drop":
-        rec["hide_last"] = 1  # B placed as the relation says, then not drawn
-    elif kind == "counting_last":
-        rec["hide_last"] = 1  # n placed in the n-object slots, the last not drawn
+    elif kind in ("position_drop", "counting_last"):
+        # every object placed as the clean record's (B by its relation, n in the n slots),
+        # the last one not drawn
+        rec["hide_last"] = 1
         rec.pop("exclude", None)
     elif kind == "color_attr":
         a, b = rec["include"]
