@@ -2,7 +2,7 @@
 
 The reference digests in ``data/equivalence.json`` are written by this test
 (``FLOWOPD_WRITE_REFERENCE=1``): first before the architecture step, again when the
-embedded base changed (worlds v4 and v5), on code that had passed against the earlier reference. On the platform that wrote
+embedded base changed (worlds v4, v5 and v6), on code that had passed against the earlier reference. On the platform that wrote
 them (same torch version and CPU capability) the LoRA must be bitwise equal; elsewhere
 floating-point kernels differ in the last bits and two epochs of sampling amplify that, so
 each tensor's norm ``n`` must agree to ``RTOL`` (relative) and its sum to ``RTOL * sqrt(N) * n``
