@@ -81,7 +81,8 @@ def _opd(tmp: Path) -> dict:
     prompts = write_mixed_prompts(tmp / "mixed.jsonl", 2)
     body = f"""
 data: {{train: {prompts}}}
-train: {{epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3, seed: 5}}
+train: {{epochs: 2, optimizer_steps_per_epoch: 2, batch_size: 8, lr: 1.0e-3, seed: 5,
+        ema_every: 1}}
 opd:
   mode: ppo_attached
   mar_lambda: 0.04
@@ -95,6 +96,9 @@ opd:
 @pytest.mark.parametrize("name", ["grpo", "opd"])
 def test_lora_equals_the_pinned_reference(tmp_path, name):
     got = {"grpo": _grpo, "opd": _opd}[name](tmp_path)
+    # the saved LoRA must be the trained one (an EMA updated every 8 steps would save the
+    # initial LoRA, lora_B all zero, after these 4 steps, and pin nothing of the loss)
+    assert any(n > 0 for k, (_, n) in got["stats"].items() if "lora_B" in k), "LoRA untrained"
     if os.environ.get("FLOWOPD_WRITE_REFERENCE") == "1":
         ref = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
         ref[name] = {"platform": _platform(), **got}
