@@ -161,6 +161,32 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(Toy, _write(tmp_path, "- a\n- b\n", "list.yaml"))
 
 
+def test_extends_merges_sections_and_replaces_lists(tmp_path):
+    (tmp_path / "shared").mkdir()
+    _write(
+        tmp_path / "shared", "name: root\ntags: [a, b]\ntrain: {lr: 0.1, steps: 3}\n", "root.yaml"
+    )
+    _write(tmp_path, "extends: shared/root.yaml\nkind: cps\ntrain: {steps: 5}\n", "mid.yaml")
+    leaf = _write(tmp_path, "extends: mid.yaml\ntags: [c]\n", "leaf.yaml")
+    cfg = load_config(Toy, leaf, ["train.lr=0.2"])
+    # train merged key by key through two levels, the list replaced, overrides last
+    assert (cfg.name, cfg.kind, cfg.tags) == ("root", "cps", ["c"])
+    assert (cfg.train.lr, cfg.train.steps) == (0.2, 5)
+
+
+def test_extends_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="extends 'gone.yaml', which is not a file"):
+        load_config(Toy, _write(tmp_path, "extends: gone.yaml\n", "a.yaml"))
+    with pytest.raises(UserError, match=r"extends loops \(b.yaml -> c.yaml -> b.yaml\)"):
+        _write(tmp_path, "extends: b.yaml\n", "c.yaml")
+        load_config(Toy, _write(tmp_path, "extends: c.yaml\n", "b.yaml"))
+    with pytest.raises(UserError, match="extends must be a file path, got 3"):
+        load_config(Toy, _write(tmp_path, "extends: 3\n", "d.yaml"))
+    with pytest.raises(UserError, match="unknown config key 'nmae'"):
+        _write(tmp_path, "nmae: x\n", "typo.yaml")  # the inherited file's keys are checked
+        load_config(Toy, _write(tmp_path, "extends: typo.yaml\n", "e.yaml"))
+
+
 def test_config_help_lists_fields():
     text = config_help(Toy)
     assert "train.lr: float = 0.0003" in text and "learning rate" in text

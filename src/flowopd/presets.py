@@ -5,6 +5,9 @@ A preset's name is its path under ``configs/`` without ``.yaml``: ``toy/grpo_gen
 file: an existing file wins; otherwise the name (with or without ``.yaml``, with or
 without a leading ``configs/``, so the paths the docs show work from any directory)
 names a packaged preset. The config loader itself only ever sees file paths.
+
+A file whose name starts with ``_`` (``toy/_grpo.yaml``) is not a preset but the shared
+part that presets ``extends:``; it is shipped, not listed.
 """
 
 from __future__ import annotations
@@ -43,7 +46,34 @@ def list_presets() -> list[Preset]:
     return [
         Preset(p.relative_to(PRESETS_DIR).with_suffix("").as_posix(), p, purpose_of(p))
         for p in sorted(PRESETS_DIR.rglob("*.yaml"))
+        if not p.name.startswith("_")
     ]
+
+
+def preset_text(path: Path) -> str:
+    """The preset's YAML to copy and edit: the file itself, or, when it ``extends:`` a
+    shared file, its leading comment over the merged, self-contained mapping."""
+    text = path.read_text(encoding="utf-8")
+    if not any(line.startswith("extends:") for line in text.splitlines()):
+        return text
+    import yaml
+
+    from flowopd.config import read_config_file
+    from flowopd.config.loader import _Dumper
+
+    comment = _leading_comment(text)
+    comment.append("# (its `extends:` chain merged in: a self-contained copy of the preset)")
+    body = yaml.dump(read_config_file(path), Dumper=_Dumper, sort_keys=False, width=100)
+    return "\n".join(comment) + "\n" + body
+
+
+def _leading_comment(text: str) -> list[str]:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return lines
 
 
 def preset_path(name: str) -> Path | None:

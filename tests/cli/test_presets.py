@@ -18,9 +18,10 @@ from flowopd.errors import UserError
 from flowopd.presets import PRESETS_DIR, list_presets, preset_path, resolve_config
 from tests.conftest import REPO
 
-NAMES = sorted(
+FILES = sorted(
     p.relative_to(PRESETS_DIR).with_suffix("").as_posix() for p in PRESETS_DIR.rglob("*.yaml")
 )
+NAMES = [n for n in FILES if not n.rsplit("/", 1)[-1].startswith("_")]  # _x.yaml: shared parts
 
 
 def test_every_preset_has_a_one_line_purpose():
@@ -76,6 +77,21 @@ def test_presets_command_lists_and_prints(capsys):
     assert main(["presets", "toy/nope"]) == 2
 
 
+def test_a_printed_preset_that_extends_is_self_contained(capsys, tmp_path):
+    """``flowopd presets toy/grpo_ocr`` prints a copy that loads alone, anywhere, to the
+    same config as the preset (whose shared part lies in toy/_grpo.yaml)."""
+    from flowopd.config import dump_config, load_config
+    from flowopd.config.grpo import GRPOConfig
+
+    assert main(["presets", "toy/grpo_ocr"]) == 0
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(capsys.readouterr().out)
+    assert "extends" not in copy.read_text().split("(its `extends:`")[1]
+    preset = load_config(GRPOConfig, PRESETS_DIR / "toy" / "grpo_ocr.yaml", validate=False)
+    assert preset.train.epochs == 80 and preset.sample.sde_window_range == (0, 6)
+    assert dump_config(load_config(GRPOConfig, copy, validate=False)) == dump_config(preset)
+
+
 @pytest.fixture(scope="module")
 def wheel_root(tmp_path_factory) -> Path:
     """The built wheel, unpacked: built offline from a copy of the project's sources (so
@@ -106,7 +122,7 @@ def test_every_preset_is_in_the_wheel(wheel_root):
         p.relative_to(wheel_root / "flowopd" / "configs").with_suffix("").as_posix()
         for p in (wheel_root / "flowopd" / "configs").rglob("*.yaml")
     )
-    assert shipped == NAMES
+    assert shipped == FILES  # the shared parts presets extend included
     meta = next(wheel_root.glob("flowopd-*.dist-info")) / "METADATA"
     assert "License-Expression: Apache-2.0" in meta.read_text()
 

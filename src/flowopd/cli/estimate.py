@@ -75,12 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _top_level_keys(path: str) -> list[str]:
-    """The top-level keys of the YAML file ``path`` (none when it is not a mapping)."""
-    import yaml
+    """The top-level keys of the config file ``path``, its ``extends:`` chain included."""
+    from flowopd.config import read_config_file
 
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return list(data) if isinstance(data, dict) else []
+    return list(read_config_file(path))
 
 
 def check_device_args(args: argparse.Namespace) -> None:

@@ -17,14 +17,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flowopd.errors import unknown
-    from flowopd.presets import list_presets, preset_path
+    from flowopd.presets import list_presets, preset_path, preset_text
 
     presets = list_presets()
     if args.name is not None:
         path = preset_path(args.name)
         if path is None:
             raise unknown("preset", args.name, [p.name for p in presets])
-        print(path.read_text(encoding="utf-8"), end="")
+        print(preset_text(path), end="")
         return 0
     width = max(len(p.name) for p in presets)
     for p in presets:

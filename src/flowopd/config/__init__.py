@@ -13,6 +13,7 @@ from flowopd.config.loader import (
     config_to_dict,
     dump_config,
     load_config,
+    read_config_file,
     validate_config,
 )
 
@@ -24,4 +25,5 @@ __all__ = [
     "dump_config",
     "config_to_dict",
     "config_help",
+    "read_config_file",
 ]

@@ -51,6 +51,7 @@ from flowopd.errors import UserError, closest
 __all__ = [
     "load_config",
     "config_from_dict",
+    "read_config_file",
     "apply_overrides",
     "validate_config",
     "dump_config",
@@ -85,34 +86,7 @@ def load_config(
     where = "defaults"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{path}' not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
-                "pass a YAML config (see configs/) or re-save it as UTF-8"
-            ) from None
-        except OSError as e:
-            raise UserError(
-                f"config file '{path}' cannot be read ({e.strerror}); fix its path or permissions"
-            ) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(
-                f"config file '{path}': invalid YAML{at}: {problem}; fix the file "
-                "(configs/ holds working examples)"
-            ) from None
-        if data is None:  # an empty file means "all defaults"
-            data = {}
-        if not isinstance(data, Mapping):
-            raise UserError(
-                f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}"
-            )
+        data = read_config_file(path)
     cfg = _build_dataclass(cls, data, "", where)
     cfg = apply_overrides(cfg, overrides)
     if validate:
@@ -126,6 +100,82 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], *, validate: bool = 
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML config file holds, with its ``extends:`` chain merged in.
+
+    ``extends: other.yaml`` (a path relative to the file's folder) loads that file first
+    and lays this one over it: mappings merge key by key, any other value (a list
+    included) replaces the inherited one. Chains are followed; a cycle is an error.
+    """
+    return _read_extended(Path(path), ())
+
+
+def _read_extended(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    data = _read_yaml_mapping(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise UserError(
+            f"config file '{path}': extends must be a file path, got {parent!r}; "
+            "e.g. extends: _grpo.yaml"
+        )
+    base = path.parent / parent
+    here = path.resolve()
+    if base.resolve() in (*chain, here):
+        names = " -> ".join(p.name for p in (*chain, here, base.resolve()))
+        raise UserError(f"config file '{path}': extends loops ({names}); break the cycle")
+    if not base.is_file():
+        raise UserError(
+            f"config file '{path}': extends '{parent}', which is not a file next to it "
+            f"({base}); fix the path"
+        )
+    return _merged(_read_extended(base, (*chain, here)), data)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: nested mappings merged, everything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping ({} for an empty file); one-line errors."""
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "pass a YAML config (see configs/) or re-save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(
+            f"config file '{path}' cannot be read ({e.strerror}); fix its path or permissions"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(
+            f"config file '{path}': invalid YAML{at}: {problem}; fix the file "
+            "(configs/ holds working examples)"
+        ) from None
+    if data is None:  # an empty file means "all defaults"
+        return {}
+    if not isinstance(data, Mapping):
+        raise UserError(
+            f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}"
+        )
+    return dict(data)
 
 
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
