@@ -89,3 +89,18 @@ def test_real_benchmark_prompt_files_are_read(shared_data):
     }  # fmt: skip
     assert len(benchmark_records(ocr, None)) == 1018
     assert len(benchmark_records(ocr, 10)) == 10
+
+
+def test_sample_warns_once_per_prompt_outside_the_embedded_world(tmp_path):
+    """The embedded model knows only the world's captions; other prompts get one warning
+    line each (the image is still written), prompts of its grammar none."""
+    prompts = [
+        "a photo of a dog",
+        "a photo of a red circle and a blue square",
+        'a sign that says "47"',
+    ]
+    args = [a for p in [*prompts, prompts[0]] for a in ("--prompt", p)]
+    proc = run_cli("sample", *args, "--steps", "1", "--out", str(tmp_path))
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'a photo of a dog' is outside" in warnings[0], proc.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 4

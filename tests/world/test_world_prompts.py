@@ -195,3 +195,19 @@ def test_bad_arguments():
         make_records("ocr", "tset", 1)
     with pytest.raises(UserError, match=">= 0"):
         make_records("ocr", "train", -1)
+
+
+def test_in_grammar_accepts_exactly_the_worlds_captions():
+    from flowopd.world.prompts import geneval_space, in_grammar, ocr_space
+    from flowopd.world.spec import GENEVAL_TAGS
+
+    assert all(in_grammar(r["prompt"]) for tag in GENEVAL_TAGS for r in geneval_space(tag))
+    assert all(in_grammar(f'a sign that says "{t}"') for t in ocr_space()[::97])
+    for outside in [
+        "a photo of a red circle left of a blue square",  # colours with a relation: no tag
+        "a photo of a dog",
+        'a sign that says "4"',  # one glyph: texts are 2-3 long
+        'a sign that says "4\\"7"',
+        "A photo of a circle",
+    ]:
+        assert not in_grammar(outside), outside

@@ -37,6 +37,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
 
+def warn_outside_world(model: str | None, prompts: list[str]) -> None:
+    """One line on stderr per prompt a world-pretrained model (the embedded one, or any
+    ``flowopd pretrain`` output) never saw a caption like: its image there is noise."""
+    import json
+    import sys
+
+    from flowopd.models.backend import FLOWOPD_META
+    from flowopd.paths import resolve_model_path
+    from flowopd.world.prompts import in_grammar
+
+    meta = Path(resolve_model_path(model)) / FLOWOPD_META
+    if not meta.is_file() or json.loads(meta.read_text()).get("kind") != "flowopd-embedded":
+        return
+    for prompt in dict.fromkeys(prompts):
+        if not in_grammar(prompt):
+            print(
+                f"warning: {prompt!r} is outside the synthetic world this model was trained "
+                "on (e.g. 'a photo of a red circle and a blue square', 'a photo of a circle "
+                "left of a square', 'a sign that says \"47\"'); expect an arbitrary image",
+                file=sys.stderr,
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -50,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     for pr in args.prompt:
         if not pr.strip():
             raise UserError("empty --prompt; give the text to render, e.g. --prompt 'a red circle'")
+    warn_outside_world(args.model, args.prompt)
     model = load_model_from_args(args)
     names = []
     for i, path in enumerate(args.lora):

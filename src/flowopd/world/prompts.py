@@ -143,6 +143,23 @@ def ocr_space() -> tuple[str, ...]:
     )
 
 
+@cache
+def _geneval_prompts() -> frozenset[str]:
+    return frozenset(r["prompt"] for tag in GENEVAL_TAGS for r in geneval_space(tag))
+
+
+def in_grammar(prompt: str) -> bool:
+    """Whether ``prompt`` is one the world's captions use: a GenEval-like prompt of its
+    shapes and colours (``a photo of a red circle and a blue square``) or an OCR prompt of
+    2-3 ``CHARSET`` characters (``a sign that says "47"``). A model pretrained on the world
+    has seen no other; outside them its images are noise to the scorers."""
+    head, quote, rest = prompt.partition('"')
+    if quote and OCR_TEMPLATE.format(text=rest.removesuffix('"')) == prompt:
+        text = rest.removesuffix('"')
+        return len(text) in OCR_LENGTHS and set(text) <= set(CHARSET)
+    return prompt in _geneval_prompts()
+
+
 def split_space(items: Sequence, split: str) -> list:
     """The part of a prompt space belonging to ``split`` (fixed, seed-independent).
 
