@@ -285,3 +285,14 @@ def test_flux1dev_fewer_t5_tokens_cost_less(capsys, tmp_path):
     assert (full["text_tokens"], short["text_tokens"]) == (512, 128)
     assert set(full["time_s"]) >= {"training"}
     assert short["time_s"]["training"] < 0.9 * full["time_s"]["training"]
+
+
+def test_the_method_of_a_config_that_extends_is_found(capsys, tmp_path):
+    """A file that extends the CRD preset names no crd: section itself; the estimate finds
+    the method in the file it extends (else it would load it as GRPO and fail)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        f"extends: {REPO / 'configs' / 'toy' / 'crd_geneval.yaml'}\ntrain: {{epochs: 3}}\n"
+    )
+    est, _ = _estimate(capsys, tmp_path, "--config", str(mine), "--gpu", "h100")
+    assert any(n.startswith("'crd'") for n in est["notes"]), est["notes"]
