@@ -30,9 +30,7 @@ class Preset:
 def purpose_of(path: Path) -> str:
     """The first sentence of the file's leading comment block ('' when it has none)."""
     words: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("#"):
-            break
+    for line in _leading_comment(path.read_text(encoding="utf-8")):
         text = line.lstrip("#").strip()
         words.append(text)
         if ". " in text or text.endswith((".", ":")):
@@ -53,10 +51,11 @@ def list_presets() -> list[Preset]:
 def preset_text(path: Path) -> str:
     """The preset's YAML to copy and edit: the file itself, or, when it ``extends:`` a
     shared file, its leading comment over the merged, self-contained mapping."""
-    text = path.read_text(encoding="utf-8")
-    if not any(line.startswith("extends:") for line in text.splitlines()):
-        return text
     import yaml
+
+    text = path.read_text(encoding="utf-8")
+    if "extends" not in (yaml.safe_load(text) or {}):
+        return text
 
     from flowopd.config import read_config_file
     from flowopd.config.loader import _Dumper
@@ -68,6 +67,7 @@ def preset_text(path: Path) -> str:
 
 
 def _leading_comment(text: str) -> list[str]:
+    """The lines of the file's leading ``#`` comment block."""
     lines = []
     for line in text.splitlines():
         if not line.startswith("#"):

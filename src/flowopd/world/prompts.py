@@ -153,9 +153,9 @@ def in_grammar(prompt: str) -> bool:
     shapes and colours (``a photo of a red circle and a blue square``) or an OCR prompt of
     2-3 ``CHARSET`` characters (``a sign that says "47"``). A model pretrained on the world
     has seen no other; outside them its images are noise to the scorers."""
-    head, quote, rest = prompt.partition('"')
-    if quote and OCR_TEMPLATE.format(text=rest.removesuffix('"')) == prompt:
-        text = rest.removesuffix('"')
+    prefix, suffix = OCR_TEMPLATE.split("{text}")
+    if prompt.startswith(prefix) and prompt.endswith(suffix):
+        text = prompt[len(prefix) : len(prompt) - len(suffix)]
         return len(text) in OCR_LENGTHS and set(text) <= set(CHARSET)
     return prompt in _geneval_prompts()
 
